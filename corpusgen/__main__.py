@@ -1,0 +1,3 @@
+from corpusgen.cli import main
+
+main()

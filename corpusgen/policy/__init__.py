@@ -1,0 +1,1 @@
+"""Policies (where tensors live, how the batch is cut), hardware profiles, cost model, optimizer."""

@@ -1,0 +1,178 @@
+"""Policy: where each kind of tensor lives and how a block is cut (DESIGN §5).
+
+Placements have names (``weights: {gpu: 0.2, cpu: 0.8}``), never FlexGen's positional
+``--percent 20 80 0 100 0 100``. The disk tier gets whatever gpu + cpu leave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from corpusgen.errors import PolicyError
+
+TIERS = ("gpu", "cpu", "disk")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Fractions of one kind of tensor on each tier; they sum to 1."""
+
+    gpu: float = 1.0
+    """Share on the GPU."""
+    cpu: float = 0.0
+    """Share in pinned CPU memory."""
+
+    @property
+    def disk(self) -> float:
+        """Share in the disk tier (what gpu and cpu leave)."""
+        return max(0.0, 1.0 - self.gpu - self.cpu)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"gpu": self.gpu, "cpu": self.cpu, "disk": round(self.disk, 6)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Compression:
+    """Group-wise asymmetric min/max quantisation."""
+
+    bits: int = 4
+    """Bits per value: 4 or 8."""
+    group_size: int = 64
+    """Values sharing one (min, scale) pair."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """How the engine runs a model: batch shape, placements, attention site, compression."""
+
+    gpu_batch_size: int = 8
+    """Sequences computed together on the GPU in one kernel launch."""
+    num_gpu_batches: int = 1
+    """GPU batches per block; a block (gpu_batch_size × num_gpu_batches rows) shares one load of
+    each layer's weights."""
+    weights: Placement = Placement()
+    """Where the layer weights live."""
+    kv_cache: Placement = Placement()
+    """Where the KV cache lives (gpu or cpu; disk is not supported for the cache)."""
+    activations: Placement = Placement()
+    """Where hidden states rest between layers (gpu or cpu)."""
+    cpu_attention: bool = False
+    """Run decode attention on the CPU when the KV cache is on the CPU."""
+    overlap: bool = True
+    """Prefetch the next layer/batch on side streams while the current batch computes."""
+    compress_weights: Compression | None = None
+    """Quantise weights (stored, moved and cached compressed), or None."""
+    compress_kv: Compression | None = None
+    """Quantise the KV cache, or None."""
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    def replace(self, **changes: Any) -> "Policy":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "gpu_batch_size": self.gpu_batch_size,
+            "num_gpu_batches": self.num_gpu_batches,
+            "weights": self.weights.as_dict(),
+            "kv_cache": self.kv_cache.as_dict(),
+            "activations": self.activations.as_dict(),
+            "cpu_attention": self.cpu_attention,
+            "overlap": self.overlap,
+        }
+        for name in ("compress_weights", "compress_kv"):
+            c = getattr(self, name)
+            out[name] = None if c is None else {"bits": c.bits, "group_size": c.group_size}
+        return out
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Policy)}
+
+
+def _placement(name: str, value: Any) -> Placement:
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"policy.{name}: expected a mapping like {{gpu: 0.2, cpu: 0.8}}, got {value!r}")
+    unknown = set(value) - set(TIERS)
+    if unknown:
+        raise PolicyError(f"policy.{name}: unknown tier {sorted(unknown)[0]!r}; tiers are gpu, cpu, disk")
+    try:
+        gpu, cpu = float(value.get("gpu", 0.0)), float(value.get("cpu", 0.0))
+        disk = float(value.get("disk", max(0.0, 1.0 - gpu - cpu)))
+    except (TypeError, ValueError):
+        raise PolicyError(f"policy.{name}: fractions must be numbers between 0 and 1, got {value!r}") from None
+    if min(gpu, cpu, disk) < 0 or abs(gpu + cpu + disk - 1.0) > 1e-6:
+        raise PolicyError(f"policy.{name}: fractions must be ≥ 0 and sum to 1, got gpu={gpu} cpu={cpu} disk={disk}")
+    if name in ("kv_cache", "activations") and disk > 1e-6:
+        raise PolicyError(f"policy.{name}: the disk tier holds weights only; put the {name} on gpu and cpu")
+    return Placement(gpu=gpu, cpu=cpu)
+
+
+def _compression(name: str, value: Any) -> Compression | None:
+    if value in (None, False):
+        return None
+    if value is True:
+        return Compression()
+    if not isinstance(value, Mapping) or set(value) - {"bits", "group_size"}:
+        raise PolicyError(f"policy.{name}: expected null or {{bits: 4, group_size: 64}}, got {value!r}")
+    c = Compression(bits=int(value.get("bits", 4)), group_size=int(value.get("group_size", 64)))
+    if c.bits not in (4, 8) or c.group_size < 2 or c.group_size % 2:
+        raise PolicyError(f"policy.{name}: bits must be 4 or 8 and group_size an even number ≥ 2, got {value!r}")
+    return c
+
+
+def policy_from_dict(data: Mapping[str, Any]) -> Policy:
+    """Validate a policy mapping (from YAML or a job's ``engine.policy``)."""
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"a policy is a mapping of fields, got {type(data).__name__}")
+    unknown = set(data) - _FIELDS
+    if unknown:
+        raise PolicyError(f"policy: unknown field {sorted(unknown)[0]!r}; fields are: {', '.join(sorted(_FIELDS))}")
+    kw: dict[str, Any] = {}
+    for key in ("gpu_batch_size", "num_gpu_batches"):
+        if key in data:
+            v = data[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise PolicyError(f"policy.{key}: expected a positive integer, got {v!r}")
+            kw[key] = v
+    for key in ("weights", "kv_cache", "activations"):
+        if key in data:
+            kw[key] = _placement(key, data[key])
+    for key in ("cpu_attention", "overlap"):
+        if key in data:
+            if not isinstance(data[key], bool):
+                raise PolicyError(f"policy.{key}: expected true or false, got {data[key]!r}")
+            kw[key] = data[key]
+    for key in ("compress_weights", "compress_kv"):
+        if key in data:
+            kw[key] = _compression(key, data[key])
+    return Policy(**kw)
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read a policy YAML file (policies/*.yaml)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise PolicyError(f"{p}: policy file not found; pass --policy auto or a YAML file under policies/") from None
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(data, Mapping) and "policy" in data and len(data) <= 3:
+        data = data["policy"]
+    return policy_from_dict(data or {})
+
+
+def dump_policy(policy: Policy, path: str | Path, comment: str = "") -> None:
+    """Write ``policy`` as YAML (with an optional comment header)."""
+    import yaml
+
+    text = yaml.safe_dump(policy.to_dict(), sort_keys=False)
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    Path(path).write_text(header + text)
