@@ -1,0 +1,371 @@
+"""Group-wise asymmetric min/max quantisation for weights and the KV cache (DESIGN §5).
+
+FlexGen's scheme (§4.3 of the paper): cut a tensor into groups of ``group_size`` consecutive values
+along one axis; each group keeps its minimum and a scale ``(max - min) / (2**bits - 1)`` and
+stores ``code = round((x - min) / scale)`` in ``bits`` bits, two 4-bit codes per byte. Dequantised
+``x' = code * scale + min``, so ``|x - x'| <= scale / 2`` per group (the stored fp16 scale: min
+is rounded down and scale up, so no code clamps). Constant groups have scale 0 and codes 0, and
+dequantise exactly when the value is representable in fp16 (otherwise within half a tiny step).
+
+Layout of a :class:`Packed` (grouping axis ``a`` of length ``L``, padded to ``Lp``, ``G = Lp / gs``):
+``data`` is ``shape`` with ``shape[a]`` replaced by ``Lp * bits / 8`` bytes (for 4 bits the low
+nibble holds the even element), ``mins`` and ``scales`` are ``shape`` with ``shape[a]`` replaced by
+``G``. Every other dimension is untouched, so a slice along any other dimension of the three
+buffers is the quantisation of the same slice of the tensor (:func:`narrow`). The grouping axis
+is padded by repeating its last value, which lies inside the last group's range and widens
+nothing; ``group_size`` is even so a byte never straddles two groups.
+
+Which axis, per kind of tensor:
+
+* **Weights** group along the *input* dimension, the last dim of an ``(out, in)`` Linear weight
+  (our layout is HF's, used with ``F.linear``); 1-D tensors group along their only dim. FlexGen
+  groups its weights along dim 0, the output channels. We use the input dim because it is the
+  contiguous one (a row dequantises from contiguous bytes), because row slices of a weight
+  (splitting a fused qkv, tensor parallelism) then cut between groups, and because GGUF blocks
+  run along the same dim (``ne[0]``, the row), which makes re-quantising GGUF 4-bit weights
+  lossless (below).
+* **KV cache** groups along ``head_dim``, the last dim of ``(batch, kv_heads, max_len, head_dim)``
+  (FlexGen: ``group_dim=2`` of its ``(seq, batch*heads, head_dim)`` cache, the same axis). Each
+  token's groups are its own, so a new token is quantised and appended without touching the
+  others: :func:`write_tokens` quantises ``src`` and writes it at positions ``[start, start+t)``,
+  :func:`read_tokens` dequantises ``[0, end)``.
+
+GGUF checkpoints whose tensors are already 4-bit: the loader dequantises GGUF ``Q4_x`` to floats.
+Re-quantising those floats with group 64 adds a second rounding error on top of GGUF's. ``Q4_1``
+stores blocks of 32 along the row as ``d * q + m`` (fp16 ``d`` and ``m``, ``q`` in 0..15, with
+``m`` the block minimum and ``d = (max - min) / 15``, so codes 0 and 15 both occur): with
+``group_size=32`` on the same axis our groups *are* its blocks, our min and scale come out equal
+to ``m`` and ``d``, and the codes are reproduced — the second round trip is exact up to float
+rounding (tests/test_compression.py checks this). ``Q4_0`` (``d * (q - 8)``) and the K-quants
+(sub-blocks of 32) are reproduced exactly in every block whose codes span the full range, and
+elsewhere the extra error stays below half a GGUF step. So use ``group_size: 32`` for GGUF Q4
+sources; the size cost is 4 bytes per 32 values instead of per 64 (0.31 vs 0.28 of fp16).
+
+Dequantisation on CUDA runs the fused Triton kernel :func:`dequantize_triton` (4-bit, grouped on
+the last axis) when triton imports; everything else uses torch ops. ``TRITON_INTERPRET=1`` also
+imports triton on a machine without a GPU, so the kernel can be checked on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+SCALE_DTYPE = torch.float16
+
+triton = tl = None
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        triton = tl = None
+
+
+def _check(bits: int, group_size: int) -> None:
+    assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
+    assert group_size >= 2 and group_size % 2 == 0, f"group_size must be even and >= 2, got {group_size}"
+
+
+def _axis(axis: int, ndim: int) -> int:
+    assert -ndim <= axis < ndim, f"axis {axis} out of range for {ndim} dims"
+    return axis % ndim
+
+
+def grouped_shape(shape: Sequence[int], group_size: int, axis: int) -> tuple[int, ...]:
+    """Shape of ``mins``/``scales``: ``shape[axis]`` becomes the number of groups."""
+    a = _axis(axis, len(shape))
+    return (*shape[:a], math.ceil(shape[a] / group_size), *shape[a + 1 :])
+
+
+def packed_shape(shape: Sequence[int], bits: int, group_size: int, axis: int) -> tuple[int, ...]:
+    """Shape of ``data``: ``shape[axis]`` becomes the padded length in bytes."""
+    a = _axis(axis, len(shape))
+    padded = math.ceil(shape[a] / group_size) * group_size
+    return (*shape[:a], padded * bits // 8, *shape[a + 1 :])
+
+
+def compressed_nbytes(
+    shape: Sequence[int], bits: int = 4, group_size: int = 64, axis: int = -1, scale_dtype_bytes: int = 2
+) -> int:
+    """Bytes of ``quantize(torch.empty(shape), bits, group_size, axis)`` (data + mins + scales)."""
+    _check(bits, group_size)
+    data = math.prod(packed_shape(shape, bits, group_size, axis))
+    return data + 2 * math.prod(grouped_shape(shape, group_size, axis)) * scale_dtype_bytes
+
+
+def _can_pin() -> bool:
+    # Pinning is page-locking for DMA to an accelerator; without one there is nothing to pin for.
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Packed:
+    """A quantised tensor: codes plus a (min, scale) pair per group, and how to undo it."""
+
+    data: torch.Tensor
+    """uint8 codes; ``shape`` with ``shape[axis]`` -> padded length * bits / 8."""
+    mins: torch.Tensor
+    """Group minima (fp16 by default); ``shape`` with ``shape[axis]`` -> number of groups."""
+    scales: torch.Tensor
+    """Group scales ``(max - min) / (2**bits - 1)``; same shape and dtype as ``mins``."""
+    shape: tuple[int, ...]
+    """Shape of the original tensor."""
+    dtype: torch.dtype
+    """Dtype of the original tensor (the default dtype of :func:`dequantize`)."""
+    bits: int
+    """4 or 8."""
+    group_size: int
+    """Values per group along ``axis`` (even)."""
+    axis: int
+    """The grouping axis, normalised to ``0 <= axis < len(shape)``."""
+
+    @staticmethod
+    def empty(
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        bits: int = 4,
+        group_size: int = 64,
+        axis: int = -1,
+        device: torch.device | str = "cpu",
+        pin: bool = False,
+        scale_dtype: torch.dtype = SCALE_DTYPE,
+    ) -> "Packed":
+        """Preallocate the buffers for a tensor of ``shape`` (contents undefined)."""
+        _check(bits, group_size)
+        shape = tuple(int(s) for s in shape)
+        pin = pin and _can_pin() and torch.device(device).type == "cpu"
+        gshape = grouped_shape(shape, group_size, axis)
+        new = lambda s, dt: torch.empty(s, dtype=dt, device=device, pin_memory=pin)  # noqa: E731
+        return Packed(
+            data=new(packed_shape(shape, bits, group_size, axis), torch.uint8),
+            mins=new(gshape, scale_dtype),
+            scales=new(gshape, scale_dtype),
+            shape=shape, dtype=dtype, bits=bits, group_size=group_size, axis=_axis(axis, len(shape)),
+        )  # fmt: skip
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.data, self.mins, self.scales
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all three buffers (what a tier stores and a link moves)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def _with(self, fn) -> "Packed":
+        return replace(self, data=fn(self.data), mins=fn(self.mins), scales=fn(self.scales))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Packed":
+        """The same Packed on ``device`` (buffers shared when already there, like Tensor.to)."""
+        return self._with(lambda b: b.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Packed":
+        """A copy in pinned CPU memory (unchanged when no accelerator is present)."""
+        assert self.device.type == "cpu", f"pin_memory of a Packed on {self.device}"
+        return self._with(lambda b: b.pin_memory()) if _can_pin() else self
+
+    def is_pinned(self) -> bool:
+        return all(b.is_pinned() for b in self.buffers)
+
+    def copy_(self, other: "Packed", non_blocking: bool = False) -> "Packed":
+        """Copy ``other`` into these (preallocated) buffers; returns self."""
+        same = (self.shape, self.bits, self.group_size, self.axis)
+        assert same == (other.shape, other.bits, other.group_size, other.axis), (same, other)
+        for dst, src in zip(self.buffers, other.buffers):
+            dst.copy_(src, non_blocking=non_blocking)
+        return self
+
+
+def narrow(p: Packed, dim: int, start: int, length: int) -> Packed:
+    """A view of positions ``[start, start+length)`` along ``dim`` (any dim but the grouping axis).
+
+    Writing into the view writes into ``p``; slicing never touches other positions' groups.
+    """
+    d = _axis(dim, len(p.shape))
+    assert d != p.axis, f"cannot narrow along the grouping axis {p.axis}"
+    assert 0 <= start and start + length <= p.shape[d], (start, length, p.shape)
+    shape = (*p.shape[:d], length, *p.shape[d + 1 :])
+    return replace(p._with(lambda b: b.narrow(d, start, length)), shape=shape)
+
+
+# --- the math, on the last axis ---------------------------------------------------------------
+
+
+def _nudge(
+    v: torch.Tensor, target: torch.Tensor, sign: int, base: torch.Tensor | None = None, mult: int = 1
+) -> torch.Tensor:
+    """Move rounded ``v`` one ulp towards ``sign`` where ``base + mult * v`` misses ``target``."""
+    reach = v.float() * mult + (0.0 if base is None else base.float())
+    miss = reach > target if sign < 0 else reach < target
+    return torch.where(miss, torch.nextafter(v, torch.full_like(v, sign * math.inf)), v)
+
+
+def _quantize_last(
+    x: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., L) -> data (..., Lp*bits/8) uint8, mins and scales (..., G)."""
+    pad = -x.shape[-1] % group_size
+    x = x.float()
+    if pad:  # repeat the last value: it is inside the last group's range
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    xg = x.unflatten(-1, (-1, group_size))  # (..., G, gs)
+    lo, hi = xg.amin(-1), xg.amax(-1)  # (..., G)
+    qmax = 2**bits - 1
+    # Stored min <= lo and min + qmax * scale >= hi, so rounding them to scale_dtype never clamps
+    # a code and the bound stays half a (stored) step; a nudge of one ulp does it.
+    mins = _nudge(lo.to(scale_dtype), lo, -1)
+    scales = _nudge(((hi - mins.float()) / qmax).to(scale_dtype), hi, +1, base=mins, mult=qmax)
+    m, s = mins.float().unsqueeze(-1), scales.float().unsqueeze(-1)  # (..., G, 1)
+    codes = ((xg - m) / torch.where(s > 0, s, 1.0)).round_().clamp_(0, qmax)
+    codes = codes.masked_fill_(s == 0, 0).to(torch.uint8).flatten(-2)  # (..., Lp)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # (..., Lp/2)
+    return codes, mins, scales
+
+
+def _dequantize_last(
+    data: torch.Tensor, mins: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int, length: int
+) -> torch.Tensor:
+    """data (..., Lp*bits/8), mins/scales (..., G) -> float32 (..., length)."""
+    if bits == 4:
+        data = torch.stack((data & 15, data >> 4), dim=-1).flatten(-2)  # (..., Lp)
+    codes = data.unflatten(-1, (-1, group_size)).float()  # (..., G, gs)
+    y = codes.mul_(scales.float().unsqueeze(-1)).add_(mins.float().unsqueeze(-1))
+    return y.flatten(-2)[..., :length]
+
+
+def quantize(
+    x: torch.Tensor, bits: int = 4, group_size: int = 64, axis: int = -1, scale_dtype: torch.dtype = SCALE_DTYPE
+) -> Packed:
+    """Quantise ``x`` in groups of ``group_size`` along ``axis`` (on x's device).
+
+    ``scale_dtype`` holds mins and scales; fp16 (the default, as in FlexGen) needs |x| < 65504.
+    """
+    _check(bits, group_size)
+    assert x.dim() >= 1 and x.is_floating_point(), (x.shape, x.dtype)
+    a = _axis(axis, x.dim())
+    assert x.shape[a] > 0, f"empty grouping axis in {tuple(x.shape)}"
+    data, mins, scales = _quantize_last(x.movedim(a, -1), bits, group_size, scale_dtype)
+    back = lambda t: t.movedim(-1, a).contiguous()  # noqa: E731
+    return Packed(
+        data=back(data), mins=back(mins), scales=back(scales),
+        shape=tuple(x.shape), dtype=x.dtype, bits=bits, group_size=group_size, axis=a,
+    )  # fmt: skip
+
+
+def dequantize(p: Packed, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Undo :func:`quantize`: a tensor of ``p.shape`` in ``dtype`` (default ``p.dtype``).
+
+    With ``out`` (a preallocated buffer of ``p.shape`` on p's device), every element of it is
+    written and it is returned.
+    """
+    if out is None:
+        out = torch.empty(p.shape, dtype=dtype or p.dtype, device=p.device)
+    assert tuple(out.shape) == p.shape and out.device == p.device, (out.shape, out.device, p.shape, p.device)
+    assert dtype is None or out.dtype == dtype, (out.dtype, dtype)
+    if _use_triton(p, out):
+        return dequantize_triton(p, out)
+    a = p.axis
+    y = _dequantize_last(*(b.movedim(a, -1) for b in p.buffers), p.bits, p.group_size, p.shape[a])
+    return out.copy_(y.movedim(-1, a))
+
+
+# --- the KV cache: (batch, kv_heads, max_len, head_dim), grouped on head_dim ------------------
+
+
+def write_tokens(dst: Packed, src: torch.Tensor, start: int, seq_dim: int = 2, non_blocking: bool = False) -> None:
+    """Quantise ``src`` (batch, kv_heads, t, head_dim) into positions ``[start, start+t)`` of ``dst``.
+
+    Quantisation runs on src's device and only the compressed bytes cross to dst's device; other
+    positions of ``dst`` are not touched.
+    """
+    d = _axis(seq_dim, len(dst.shape))
+    t = src.shape[d]
+    assert tuple(src.shape[:d]) + tuple(src.shape[d + 1 :]) == dst.shape[:d] + dst.shape[d + 1 :], (src.shape, dst.shape)
+    q = quantize(src, dst.bits, dst.group_size, dst.axis, scale_dtype=dst.mins.dtype)
+    narrow(dst, d, start, t).copy_(q, non_blocking=non_blocking)
+
+
+def read_tokens(
+    p: Packed, end: int, seq_dim: int = 2, out: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Dequantise positions ``[0, end)`` along ``seq_dim``: (batch, kv_heads, end, head_dim)."""
+    return dequantize(narrow(p, seq_dim, 0, end), out=out, dtype=dtype)
+
+
+# --- the fused CUDA kernel --------------------------------------------------------------------
+
+
+def _use_triton(p: Packed, out: torch.Tensor) -> bool:
+    return triton is not None and out.is_cuda and p.bits == 4 and p.axis == len(p.shape) - 1
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant4_kernel(data_ptr, mins_ptr, scales_ptr, out_ptr, n_padded, padded_len, length, n_groups,
+                         GROUP_SIZE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        # One program per BLOCK elements of the padded (rows, padded_len) view, a whole number of
+        # groups when BLOCK is a multiple of GROUP_SIZE. Element e sits in byte e // 2 (rows are an
+        # even number of elements long), low nibble if e is even.
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        row, col = e // padded_len, e % padded_len
+        byte = tl.load(data_ptr + e // 2, mask=e < n_padded, other=0).to(tl.int32)
+        code = (byte >> ((col % 2) * 4)) & 15
+        g = row * n_groups + col // GROUP_SIZE
+        keep = (e < n_padded) & (col < length)
+        s = tl.load(scales_ptr + g, mask=keep, other=0.0).to(tl.float32)
+        m = tl.load(mins_ptr + g, mask=keep, other=0.0).to(tl.float32)
+        y = code.to(tl.float32) * s + m
+        tl.store(out_ptr + row * length + col, y.to(out_ptr.dtype.element_ty), mask=keep)
+
+
+def dequantize_triton(p: Packed, out: torch.Tensor) -> torch.Tensor:
+    """Fused 4-bit dequantisation (grouped on the last axis) into ``out``; returns ``out``."""
+    assert triton is not None, "triton is not available"
+    assert p.bits == 4 and p.axis == len(p.shape) - 1, (p.bits, p.axis, p.shape)
+    assert tuple(out.shape) == p.shape, (out.shape, p.shape)
+    data, mins, scales = (b.contiguous() for b in p.buffers)  # a narrowed cache is strided
+    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    padded_len, n_groups, length = data.shape[-1] * 2, mins.shape[-1], p.shape[-1]
+    n_padded = data.numel() * 2
+    block = 1024
+    if n_padded:
+        grid = (triton.cdiv(n_padded, block),)
+        _dequant4_kernel[grid](data, mins, scales, dst, n_padded, padded_len, length, n_groups,
+                               GROUP_SIZE=p.group_size, BLOCK=block)  # fmt: skip
+    return out if dst is out else out.copy_(dst)
+
+
+def _selfcheck_triton(device: str = "cuda", seed: int = 0) -> dict[str, float]:
+    """Compare the Triton kernel with the torch path on random inputs; raises on a mismatch.
+
+    Returns the largest absolute difference per case (expected 0, or an ulp where the kernel
+    fuses the multiply-add). Called by the GPU benchmark script.
+    """
+    assert triton is not None, "triton is not available"
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cases = [((3, 5, 7), 64), ((1, 130), 64), ((17, 64), 64), ((2, 3, 100), 32), ((4, 8, 33, 128), 64),
+             ((2, 4, 19, 96), 6), ((257, 4096), 64)]  # fmt: skip
+    report: dict[str, float] = {}
+    for shape, gs in cases:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            x = (torch.randn(shape, generator=gen) * 3).to(device=device, dtype=dtype)
+            p = quantize(x, 4, gs)
+            a = p.axis
+            ref = _dequantize_last(*p.buffers, 4, gs, shape[a]).to(dtype)
+            got = dequantize_triton(p, torch.full(shape, float("nan"), dtype=dtype, device=device))
+            diff = (got.float() - ref.float()).abs()
+            tol = 2 * torch.finfo(dtype).eps * (ref.float().abs() + 1)
+            assert not got.isnan().any() and (diff <= tol).all(), (shape, gs, dtype, diff.max().item())
+            report[f"{shape} g{gs} {str(dtype)[6:]}"] = diff.max().item()
+    return report

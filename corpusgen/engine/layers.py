@@ -1,0 +1,114 @@
+"""Math shared by the model families: norms, rotary embeddings, masked attention.
+
+Pure functions over tensors. Padding convention of the whole engine: prompts are *left*-padded
+so every row's last prompt token sits at the same column; ``pad[b]`` is the number of padding
+columns of row b. A column c of row b holds the token at position ``c - pad[b]``; padding columns
+are never attended to by real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from corpusgen.engine.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as in HF Llama: normalise in fp32, cast back, then scale."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse rotary frequencies (head_dim/2,), fp32, with llama3 scaling when configured."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    old = rs.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / rs.low_freq_factor, old / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (batch, seq, head_dim) for integer ``positions`` (batch, seq)."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (batch, heads, seq, head_dim) by cos/sin (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, seq, heads*head_dim) -> (batch, heads, seq, head_dim)."""
+    b, s, _ = x.shape
+    return x.view(b, s, heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, seq, head_dim) -> (batch, seq, heads*head_dim)."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * d)
+
+
+def attention_mask(pad: torch.Tensor, q_start: int, q_len: int, k_len: int) -> torch.Tensor:
+    """Boolean mask (batch, 1, q_len, k_len): True where query column may attend to key column.
+
+    Queries occupy columns [q_start, q_start + q_len). A key is visible when it is not padding
+    and not in the future. A padding query sees only itself, which keeps softmax finite; its
+    output is never read.
+    """
+    dev = pad.device
+    q_cols = torch.arange(q_start, q_start + q_len, device=dev)
+    k_cols = torch.arange(k_len, device=dev)
+    causal = k_cols[None, :] <= q_cols[:, None]  # (q, k)
+    real_key = k_cols[None, :] >= pad[:, None]  # (b, k)
+    mask = causal[None] & real_key[:, None, :]  # (b, q, k)
+    self_only = (q_cols[None, :] < pad[:, None])[:, :, None] & (k_cols[None, None, :] == q_cols[None, :, None])
+    return (mask | self_only).unsqueeze(1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q (batch, heads, q_len, head_dim); k, v (batch, kv_heads, k_len, head_dim);
+    mask (batch, 1, q_len, k_len) bool, or None with ``causal`` for unpadded prefill.
+    Returns (batch, heads, q_len, head_dim).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal, enable_gqa=gqa)
+
+
+def positions_from_pad(pad: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Token positions (batch, length) of columns [start, start+length); padding clamps to 0."""
+    cols = torch.arange(start, start + length, device=pad.device)
+    return (cols[None, :] - pad[:, None]).clamp_min(0)

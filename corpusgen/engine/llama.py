@@ -1,0 +1,52 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM): RMSNorm, RoPE (with llama3 scaling),
+grouped-query attention, SwiGLU MLP, tied or untied embeddings, optional q/k/v bias.
+
+A layer is split where the schedule needs to cut it: ``pre_attention`` (norm, projections,
+rotary) and ``post_attention`` (output projection, residual, MLP). Attention itself is shared
+math (layers.attend) so it can run wherever the KV cache lives.
+Weight names are the canonical ones of weights.py (HF names map onto them by table).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from corpusgen.engine.config import ModelConfig
+from corpusgen.engine.layers import apply_rope, linear, merge_heads, rms_norm, rope_cos_sin, rope_inv_freq, split_heads
+
+Weights = dict[str, torch.Tensor]
+
+
+@functools.lru_cache(maxsize=8)
+def _inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    return rope_inv_freq(cfg)
+
+
+def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """ids (batch, seq) -> hidden (batch, seq, hidden)."""
+    return F.embedding(ids, w["tokens"])
+
+
+def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torch.Tensor):
+    """hidden (b, s, hidden) -> q (b, heads, s, hd), k, v (b, kv_heads, s, hd)."""
+    x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
+    q = split_heads(linear(x, w["q"], w.get("q_bias")), cfg.num_heads)
+    k = split_heads(linear(x, w["k"], w.get("k_bias")), cfg.num_kv_heads)
+    v = split_heads(linear(x, w["v"], w.get("v_bias")), cfg.num_kv_heads)
+    cos, sin = rope_cos_sin(_inv_freq(cfg), positions, q.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Residual stream h (b, s, hidden) and attention output (b, heads, s, hd) -> new h."""
+    h = h + linear(merge_heads(attn), w["o"])
+    x = rms_norm(h, w["mlp_norm"], cfg.norm_eps)
+    return h + linear(F.silu(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
+
+
+def head(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (b, hidden) -> logits (b, vocab), fp32."""
+    return linear(rms_norm(h, w["norm"], cfg.norm_eps), w["lm_head"]).float()

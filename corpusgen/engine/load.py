@@ -1,0 +1,200 @@
+"""``open_engine``: resolve a model, place its weights by a policy, and return an Engine that
+generates blocks of requests through the block schedule.
+
+The only entry point the runner, ``bench`` and the tests use. With everything on one device the
+policy is simply "all on gpu", and the same schedule runs (there is no second code path).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
+from corpusgen.engine.config import ModelConfig
+from corpusgen.engine.placement import WeightStore
+from corpusgen.engine.schedule import BlockEngine
+from corpusgen.engine.tiers import DiskTier, HostArena
+from corpusgen.engine.weights import dummy_units, iter_units, load_config, resolve_source
+from corpusgen.errors import CorpusgenError, ModelError
+from corpusgen.policy.memory import check_budgets, memory_per_tier
+from corpusgen.policy.policy import Policy
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 / AMX), where bf16 is ~5× fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("engine.device is cuda but no CUDA GPU is visible; use device: cpu or auto")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+    if dtype not in (None, "auto"):
+        if dtype not in _DTYPES:
+            raise ModelError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.float16 if cfg.family == "opt" else torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+class IdTokenizer:
+    """For dummy-weight presets (benchmarks): token ids are their own text."""
+
+    name = "ids"
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id = 0
+    has_chat_template = False
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, **_) -> list[int]:
+        return [int(t) % self.vocab_size for t in text.split()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(map(str, ids))
+
+    def chat_prompt(self, system: str | None, user: str) -> list[int]:
+        return self.encode(user)
+
+    def fingerprint(self) -> str:
+        return f"ids-{self.vocab_size}"
+
+
+@dataclass
+class Engine:
+    """A loaded model with its placement; ``generate`` runs requests block by block."""
+
+    config: ModelConfig
+    tokenizer: object
+    policy: Policy
+    device: torch.device
+    dtype: torch.dtype
+    block: BlockEngine
+    store: WeightStore
+    arena: HostArena
+    disk: DiskTier | None
+    load_seconds: float
+    _tmpdir: str | None = None
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_positions
+
+    @property
+    def block_size(self) -> int:
+        return self.policy.block_size
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.block.stats
+
+    def generate(self, requests: Sequence[Request], sampling: SamplingSettings, logits_hook=None) -> Iterator[Result]:
+        """Yield each row's result as it finishes; rows are run in blocks of ``block_size``."""
+        ok: list[Request] = []
+        for r in requests:
+            n = len(r.prompt_ids)
+            if n == 0 or n + sampling.max_new_tokens > self.max_context:
+                why = "empty prompt" if n == 0 else (
+                    f"prompt of {n} tokens + max_new_tokens {sampling.max_new_tokens} exceeds the context of {self.max_context}")
+                yield Result(key=r.key, token_ids=[], text="", finish_reason="error", prompt_tokens=n, error=why)
+            else:
+                ok.append(r)
+        for i in range(0, len(ok), self.block_size):
+            yield from self.block.run_block(ok[i:i + self.block_size], sampling, logits_hook)
+        self._update_peaks()
+
+    def _update_peaks(self) -> None:
+        peaks = self.stats.peak_bytes
+        if self.device.type == "cuda":
+            peaks["gpu"] = max(peaks.get("gpu", 0), torch.cuda.max_memory_allocated(self.device))
+        peaks["cpu_pinned"] = self.arena.peak
+        if self.disk is not None:
+            peaks["disk"] = self.disk.bytes_written
+
+    def describe(self) -> dict:
+        pl = self.store.placement
+        return {
+            "model": self.config.name, "family": self.config.family, "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "policy": self.policy.to_dict(),
+            "realised": {"weights": {t: round(pl.fraction("weights", t), 4) for t in ("gpu", "cpu", "disk")},
+                         "kv_cache": {t: round(pl.fraction("kv", t), 4) for t in ("gpu", "cpu")},
+                         "activations_on_gpu": pl.activations_on_gpu, "notes": list(pl.notes)},
+            "resident_bytes": dict(self.store.resident_bytes), "load_seconds": round(self.load_seconds, 3),
+        }
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def open_engine(model: str, *, dummy: bool = False, device: str | None = None, dtype: str | None = None,
+                policy: Policy | None = None, gpu_memory: int | None = None, cpu_memory: int | None = None,
+                offload_dir: str | None = None, prompt_len: int = 512, gen_len: int = 32, seed: int = 0,
+                tokenizer=None) -> Engine:
+    """Load ``model`` (preset, HF dir, .gguf, or the default) and place it by ``policy``.
+
+    Budgets are hard: the policy's memory (for prompt_len/gen_len) is checked before anything is
+    allocated, the GPU allocator is capped at ``gpu_memory``, and pinned host memory is counted
+    against ``cpu_memory``.
+    """
+    t0 = time.perf_counter()
+    cfg = load_config(model)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev, cfg)
+    policy = policy or Policy()
+    est = memory_per_tier(cfg, policy, prompt_len, gen_len, dtype_bytes=torch.finfo(dt).bits // 8)
+    check_budgets(est, gpu_memory, cpu_memory)
+    if dev.type == "cuda" and gpu_memory:
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory / total), dev)
+    tmp = None
+    needs_disk = est.disk > 0
+    if needs_disk and offload_dir is None:
+        tmp = offload_dir = tempfile.mkdtemp(prefix="corpusgen-offload-")
+    disk = DiskTier(Path(offload_dir) / "weights") if needs_disk else None
+    arena = HostArena(cpu_memory)
+    if dummy:
+        units = dummy_units(cfg, dtype=dt, device=dev, seed=seed)
+        tok = tokenizer or IdTokenizer(cfg.vocab_size)
+    else:
+        if resolve_source(model) is None:
+            raise ModelError(f"{model}: a preset has shapes but no weights; add --dummy, or give a checkpoint directory or .gguf file")
+        units = iter_units(model, cfg, dtype=dt)
+        if tokenizer is None:
+            from corpusgen.engine.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(resolve_source(model))
+        tok = tokenizer
+    try:
+        store = WeightStore(cfg, units, policy, device=dev, dtype=dt, arena=arena, disk=disk)
+    except CorpusgenError:
+        if disk is not None:
+            disk.close()
+        raise
+    eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids if not dummy else ()
+    block = BlockEngine(cfg, store, policy, tokenizer=tok, device=dev, dtype=dt, eos_ids=eos)
+    store.load_stream = block.streams.load if block.streams.load is not block.streams.compute else None
+    return Engine(config=cfg, tokenizer=tok, policy=policy, device=dev, dtype=dt, block=block, store=store,
+                  arena=arena, disk=disk, load_seconds=time.perf_counter() - t0, _tmpdir=tmp)

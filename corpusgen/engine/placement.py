@@ -1,0 +1,162 @@
+"""Weight placement: each unit's weights go to the tier the policy gives them, and come back to
+the compute device one unit at a time, prefetched, for the block schedule.
+
+The layers-to-tiers assignment is :func:`corpusgen.policy.memory.realise` — the same function the
+planner's memory accounting uses, so what is planned is what is allocated. ``embed`` and ``head``
+always live on the compute device. Compressed weights are stored and moved compressed
+(``name.data``/``name.mins``/``name.scales`` in a record) and dequantised on the device once per
+layer per token step, shared by every GPU batch of the block.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+
+import torch
+
+from corpusgen.engine import compression as cq
+from corpusgen.engine import llama, opt
+from corpusgen.engine.config import ModelConfig
+from corpusgen.engine.tiers import DiskTier, HostArena, Record
+from corpusgen.policy.memory import realise
+from corpusgen.policy.policy import Policy
+
+_PARTS = ("data", "mins", "scales")
+
+
+def family_of(cfg: ModelConfig) -> ModuleType:
+    return {"opt": opt, "llama": llama}[cfg.family]
+
+
+def compressible(unit: str, name: str, t: torch.Tensor) -> bool:
+    """Linear weights of decoder layers are quantised; norms, biases and embeddings are not."""
+    return unit.startswith("layer.") and t.dim() == 2
+
+
+class WeightStore:
+    """Holds every unit on its tier; ``prefetch(j)`` starts bringing unit j to the device and
+    ``get(j)`` returns it ready for compute (the family's weight dict)."""
+
+    def __init__(self, cfg: ModelConfig, units, policy: Policy, *, device: torch.device, dtype: torch.dtype,
+                 arena: HostArena, disk: DiskTier | None):
+        self.cfg, self.policy, self.device, self.dtype = cfg, policy, device, dtype
+        self.placement = pl = realise(policy, cfg)
+        self.weight_tiers = [pl.weight_tier(i) for i in range(cfg.num_layers)]
+        self.kv_tiers = [pl.kv_tier(i) for i in range(cfg.num_layers)]
+        self.arena, self.disk = arena, disk
+        self.names = ["embed", *(f"layer.{i}" for i in range(cfg.num_layers)), "head"]
+        self.tier: list[str] = []
+        self.records: list[Record | None] = []
+        self.meta: list[dict[str, tuple]] = []  # per unit: (shape, dtype, bits, group_size, axis) of packed tensors
+        self.resident_bytes = {"gpu": 0, "cpu": 0, "disk": 0}
+        shared: dict[int, torch.Tensor] = {}
+        for j, (name, w) in enumerate(units):
+            assert name == self.names[j], (name, self.names[j])
+            tier = "gpu" if j in (0, cfg.num_layers + 1) else self.weight_tiers[j - 1]
+            record, meta = self._prepare(name, w, tier, shared)
+            nbytes = sum(t.numel() * t.element_size() for t in record.values())
+            self.resident_bytes[tier] += nbytes
+            if tier == "disk":
+                assert disk is not None, "a disk placement needs an offload_dir"
+                disk.put(name, record)
+                record = None
+            self.tier.append(tier)
+            self.records.append(record)
+            self.meta.append(meta)
+        disk_sizes = [disk.size(n) for n, t in zip(self.names, self.tier) if t == "disk"] if disk else []
+        # Two pinned staging buffers: one being filled from disk while the other drains to the GPU.
+        self.staging = [arena.empty((max(disk_sizes),), torch.uint8) for _ in range(2)] if disk_sizes else []
+        self._slot_events: list = [None, None]
+        self._slot = 0
+        self._pending: dict[int, object] = {}
+        self._ready: dict[int, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self.load_stream = None  # set by the engine (CUDA side stream), None = compute stream
+
+    # ------------------------------------------------------------------ placing
+    def _prepare(self, unit: str, w: dict[str, torch.Tensor], tier: str, shared: dict[int, torch.Tensor]):
+        comp = self.policy.compress_weights
+        record: Record = {}
+        meta: dict[str, tuple] = {}
+        for name, t in w.items():
+            if id(t) in shared:  # tied LM head: the embedding already placed, shared not copied
+                record[name] = shared[id(t)]
+                continue
+            if comp is not None and compressible(unit, name, t):
+                p = cq.quantize(t.to(self.dtype), comp.bits, comp.group_size, axis=-1)
+                meta[name] = (p.shape, p.dtype, p.bits, p.group_size, p.axis)
+                for part, buf in zip(_PARTS, p.buffers):
+                    record[f"{name}.{part}"] = self._place(buf, tier)
+            else:
+                record[name] = shared[id(t)] = self._place(t.to(self.dtype), tier)
+        return record, meta
+
+    def _place(self, t: torch.Tensor, tier: str) -> torch.Tensor:
+        if tier == "gpu":
+            return t.to(self.device).contiguous()
+        if tier == "cpu":
+            return self.arena.hold(t.contiguous())
+        return t.contiguous()  # disk: written by the caller, then dropped
+
+    # ------------------------------------------------------------------ fetching
+    def prefetch(self, j: int) -> None:
+        """Start bringing unit j to the device (no-op for device-resident units)."""
+        if self.tier[j] == "gpu" or j in self._pending or j in self._ready:
+            return
+        if self.tier[j] == "disk":
+            slot = self._slot
+            self._slot ^= 1
+            self._pending[j] = self.disk.submit(self._load_disk, j, slot)
+        else:
+            self._pending[j] = self._load(j, self.records[j])
+
+    def _load_disk(self, j: int, slot: int):
+        ev = self._slot_events[slot]
+        if ev is not None:
+            ev.synchronize()  # the previous copy out of this staging buffer has drained
+        record = self.disk.read_into(self.names[j], self.staging[slot])
+        out = self._load(j, record)
+        self._slot_events[slot] = out[1]
+        return out
+
+    def _load(self, j: int, record: Record):
+        """Copy a host record to the device on the load stream; returns (record, event)."""
+        if self.device.type != "cuda":
+            return record, None
+        stream = self.load_stream or torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(stream):
+            out = {k: v.to(self.device, non_blocking=True) for k, v in record.items()}
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        return out, ev
+
+    def get(self, j: int) -> dict[str, torch.Tensor]:
+        """Unit j's weights on the device, dequantised, ready for the family's functions."""
+        if self.tier[j] == "gpu":
+            return self._materialise(j, self.records[j])
+        if j not in self._pending:
+            self.prefetch(j)
+        pending = self._pending.pop(j)
+        record, ev = DiskTier.wait(pending) if self.tier[j] == "disk" else pending
+        if ev is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(ev)
+            for t in record.values():
+                t.record_stream(cur)  # the allocator must not reuse these while compute reads them
+        return self._materialise(j, record)
+
+    def _materialise(self, j: int, record: Record) -> dict[str, torch.Tensor]:
+        meta = self.meta[j]
+        if not meta:
+            return record
+        out = {k: v for k, v in record.items() if k.rsplit(".", 1)[0] not in meta}
+        for name, (shape, dtype, bits, group_size, axis) in meta.items():
+            parts = [record[f"{name}.{part}"] for part in _PARTS]
+            packed = cq.Packed(data=parts[0], mins=parts[1], scales=parts[2], shape=shape, dtype=dtype,
+                               bits=bits, group_size=group_size, axis=axis)
+            out[name] = cq.dequantize(packed, dtype=self.dtype)
+        return out
+
+    def release(self, j: int) -> None:
+        self._ready.pop(j, None)

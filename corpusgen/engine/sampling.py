@@ -1,0 +1,53 @@
+"""Choosing the next token, and deciding when a row is finished. Pure functions over tensors.
+
+Greedy decoding is an argmax on the device. Sampled decoding uses one ``torch.Generator`` per row,
+seeded from (job seed, row key), so a row draws the same tokens whatever block it lands in —
+resumed jobs and re-batched jobs sample identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+
+from corpusgen.engine.api import SamplingSettings
+
+
+def row_generator(seed: int, key: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+def filter_logits(logits: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to fp32 logits (rows, vocab); masked entries are -inf."""
+    logits = logits / max(s.temperature, 1e-6)
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > s.top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, s: SamplingSettings, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Next token per row: logits (rows, vocab) fp32 -> ids (rows,) int64 on the logits' device."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    assert generators is not None and len(generators) == logits.shape[0], "one generator per row"
+    probs = filter_logits(logits, s).softmax(-1).cpu()
+    out = torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, generators)])
+    return out.to(logits.device)
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in ``text``, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,347 @@
+"""The block schedule (FlexGen, Sheng et al. 2023, Alg. 1), generalised to both model families.
+
+The loop
+--------
+A *block* is ``gpu_batch_size × num_gpu_batches`` rows. The model is a list of units
+``embed, layer.0 … layer.n-1, head``. For one block::
+
+    for step in (prefill, decode_1, …, decode_G-1):        # token steps
+        for j, unit in enumerate(units):                   # layers
+            load_weight(j + 1)                             # prefetch, whole block's compute to hide it
+            for k in range(num_gpu_batches):               # GPU batches
+                load_cache(j, k + 1)                       # prefetch next batch's KV / activations
+                compute(j, k)
+                store_cache(j, k)                          # new K/V back to its tier, asynchronously
+
+``_next(j, k)`` is the one helper that wraps indices around (last batch → next layer, last layer →
+first unit of the next step), so the loop body has no edge cases.
+
+What overlaps with what (CUDA): three streams. *compute* runs the math. *load* carries
+host→GPU copies (next layer's weights, next batch's KV and activations); disk reads run on an
+I/O thread pool into pinned staging buffers and then enqueue their host→GPU copy on *load* too.
+*store* carries GPU→host copies of new K/V and activations. Ordering is by CUDA events only:
+compute waits on the event of the load it needs; store waits on the event recorded after the
+compute that produced the data; a staging buffer is reused only after the event of the copy
+that drained it. The only host synchronisations are (1) sampling — the next tokens must be known
+on the host for stop checks — once per token step per GPU batch, and (2) CPU attention, which
+needs the new token's q/k/v on the host (only those cross the link, never the cache).
+With ``overlap: false`` every copy runs on the compute stream (a reference for tests).
+On a CPU-only machine the "GPU" tier is the CPU: the same loop runs, copies become no-ops or
+clones, and the disk tier still prefetches on its I/O pool, so CI exercises the whole schedule.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from corpusgen.engine import compression as cq
+from corpusgen.engine import layers as L
+from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
+from corpusgen.engine.config import ModelConfig
+from corpusgen.engine.placement import WeightStore, family_of
+from corpusgen.engine.sampling import find_stop, row_generator, sample
+from corpusgen.policy.policy import Policy
+
+
+@dataclass
+class _Batch:
+    """One GPU batch of a block: its rows, their padding, its activations and KV cache."""
+
+    rows: list[Request]
+    pad: torch.Tensor  # (b,) long, on the compute device
+    pad_cpu: torch.Tensor  # (b,) long, on the host (CPU attention)
+    ids: torch.Tensor  # (b, s) tokens fed at this step
+    hidden: torch.Tensor | None = None  # (b, s, hidden) between units
+    kv: list = field(default_factory=list)  # per layer: (K, V) each (seq, b, kv_heads, hd) or Packed
+    tokens: list[list[int]] = field(default_factory=list)
+    finish: list[str | None] = field(default_factory=list)
+    gens: list[torch.Generator] | None = None
+    no_pad: bool = False  # every prompt has the same length: no mask needed
+    logits: torch.Tensor | None = None  # (b, vocab) fp32 after the head
+    stored: object = None  # CUDA event of the last store of this batch (None on CPU)
+
+
+class _Streams:
+    """Compute/load/store streams on CUDA; ``None`` streams (same-stream, in order) otherwise."""
+
+    def __init__(self, device: torch.device, overlap: bool):
+        cuda = device.type == "cuda"
+        self.compute = torch.cuda.current_stream(device) if cuda else None
+        self.load = torch.cuda.Stream(device) if cuda and overlap else self.compute
+        self.store = torch.cuda.Stream(device) if cuda and overlap else self.compute
+
+    def event(self, stream) -> torch.cuda.Event | None:
+        if stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    @staticmethod
+    def wait(stream, ev) -> None:
+        if stream is not None and ev is not None:
+            stream.wait_event(ev)
+
+
+class BlockEngine:
+    """Runs blocks of requests through the block schedule with the policy's placements."""
+
+    def __init__(self, cfg: ModelConfig, store: WeightStore, policy: Policy, *, tokenizer, device: torch.device,
+                 dtype: torch.dtype, eos_ids: Sequence[int]):
+        self.cfg, self.store, self.policy = cfg, store, policy
+        self.fam = family_of(cfg)
+        self.tok = tokenizer
+        self.device, self.dtype = device, dtype
+        self.eos = set(eos_ids)
+        self.streams = _Streams(device, policy.overlap)
+        self.host = torch.device("cpu")
+        self.kv_tier = store.kv_tiers  # per layer: "gpu" | "cpu"
+        self.act_on_gpu = store.placement.activations_on_gpu
+        self.stats = EngineStats()
+        self.scale = cfg.head_dim ** -0.5
+
+    # ------------------------------------------------------------------ the block
+    def run_block(self, requests: Sequence[Request], sampling: SamplingSettings, logits_hook=None) -> Iterator[Result]:
+        p = self.policy
+        width = max(len(r.prompt_ids) for r in requests)  # one prompt width for the whole block
+        batches = [self._make_batch(requests[i:i + p.gpu_batch_size], sampling, width)
+                   for i in range(0, len(requests), p.gpu_batch_size)]
+        prompt_len = batches[0].ids.shape[1]
+        gen = sampling.max_new_tokens
+        total = prompt_len + gen
+        for b in batches:
+            b.kv = [self._alloc_kv(j, len(b.rows), total) for j in range(self.cfg.num_layers)]
+        n_units = self.cfg.num_layers + 2
+        t0 = time.perf_counter()
+        for step in range(gen):
+            col = 0 if step == 0 else prompt_len + step - 1  # first column computed at this step
+            self.store.prefetch(0)
+            for j in range(n_units):
+                w = self.store.get(j)
+                self.store.prefetch((j + 1) % n_units)  # wrap-around: last unit prefetches the embed
+                pending = self._load_cache(j, batches[0], col)
+                for k, b in enumerate(batches):
+                    nxt = self._load_cache(j, batches[k + 1], col) if k + 1 < len(batches) else None
+                    self._compute(j, w, b, col, pending)
+                    pending = nxt
+                self.store.release(j)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            now = time.perf_counter()
+            if step == 0:
+                self.stats.prefill_seconds += now - t0
+                self.stats.prompt_tokens += sum(len(r.prompt_ids) for b in batches for r in b.rows)
+            else:
+                self.stats.decode_seconds += now - t0
+            t0 = now
+            finished = self._sample(batches, sampling, logits_hook, last=step == gen - 1)
+            yield from finished
+            if all(f is not None for b in batches for f in b.finish):
+                break
+
+    # ------------------------------------------------------------------ steps
+    def _make_batch(self, rows: Sequence[Request], s: SamplingSettings, width: int) -> _Batch:
+        lens = [len(r.prompt_ids) for r in rows]
+        pad_id = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - lens[i]:] = torch.as_tensor(list(r.prompt_ids), dtype=torch.long)
+        pad = torch.tensor([width - n for n in lens], dtype=torch.long)
+        gens = [row_generator(s.seed, r.key) for r in rows] if s.temperature > 0 else None
+        return _Batch(rows=list(rows), pad=pad.to(self.device), pad_cpu=pad, ids=ids.to(self.device),
+                      tokens=[[] for _ in rows], finish=[None] * len(rows), gens=gens, no_pad=min(lens) == width)
+
+    def _alloc_kv(self, j: int, b: int, total: int):
+        """K and V buffers of layer j for a batch of b rows. Layout by tier: on the GPU tier
+        (b, kv_heads, seq, hd) so decode attention reads contiguous rows; on the CPU tier
+        (seq, b, kv_heads, hd) so a new token is one contiguous store and a prefetch of
+        columns [0, c) is one contiguous copy."""
+        cfg, comp = self.cfg, self.policy.compress_kv
+        on_gpu = self.kv_tier[j] == "gpu"
+        shape = (b, cfg.num_kv_heads, total, cfg.head_dim) if on_gpu else (total, b, cfg.num_kv_heads, cfg.head_dim)
+        if comp is not None:
+            dev = self.device if on_gpu else self.host
+            return tuple(cq.Packed.empty(shape, self.dtype, comp.bits, comp.group_size, -1, dev,
+                                         pin=not on_gpu and torch.cuda.is_available()) for _ in range(2))
+        if on_gpu:
+            return tuple(torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+        return self.store.arena.empty(shape, self.dtype), self.store.arena.empty(shape, self.dtype)
+
+    def _load_cache(self, j: int, b: _Batch, col: int):
+        """Prefetch what batch ``b`` needs at unit ``j`` onto the load stream; returns (kv, h, event)."""
+        layer = j - 1
+        need_kv = (0 <= layer < self.cfg.num_layers and col > 0 and self.kv_tier[layer] == "cpu"
+                   and not self.policy.cpu_attention)
+        need_act = not self.act_on_gpu and b.hidden is not None and j > 0
+        if not (need_kv or need_act):
+            return None
+        s = self.streams
+        s.wait(s.load, b.stored)
+        with _on(s.load):
+            kv = None
+            if need_kv:  # columns [0, col) of a seq-major host cache: one contiguous copy each
+                kv = tuple(_to_device(c, col, self.device) for c in b.kv[layer])
+            h = b.hidden.to(self.device, non_blocking=True) if need_act else None
+        return kv, h, s.event(s.load)
+
+    def _kv_view(self, layer: int, c, end: int) -> torch.Tensor:
+        """Columns [0, end) of cache ``c`` as (b, kv_heads, end, hd) (dequantised if compressed)."""
+        x = _prefix(c, end) if self.kv_tier[layer] == "cpu" else None
+        if x is not None:
+            return x.permute(1, 2, 0, 3)
+        if isinstance(c, cq.Packed):
+            return cq.read_tokens(c, end, seq_dim=2)
+        return c[:, :, :end]
+
+    def _kv_write(self, layer: int, c, x: torch.Tensor, col: int) -> None:
+        """Write x (b, kv_heads, t, hd) at columns [col, col + t) of cache ``c``."""
+        if self.kv_tier[layer] == "cpu":
+            x = x.permute(2, 0, 1, 3)  # (t, b, kv_heads, hd)
+            if isinstance(c, cq.Packed):
+                cq.write_tokens(c, x, col, seq_dim=0, non_blocking=True)
+            else:
+                c[col:col + x.shape[0]].copy_(x, non_blocking=True)
+        elif isinstance(c, cq.Packed):
+            cq.write_tokens(c, x, col, seq_dim=2)
+        else:
+            c[:, :, col:col + x.shape[2]].copy_(x)
+
+    def _compute(self, j: int, w, b: _Batch, col: int, pending) -> None:
+        cfg, fam, s = self.cfg, self.fam, self.streams
+        loaded_kv = loaded_h = None
+        if pending is not None:
+            loaded_kv, loaded_h, ev = pending
+            s.wait(s.compute, ev)
+        h = loaded_h if loaded_h is not None else b.hidden
+        q_len = b.ids.shape[1]
+        positions = L.positions_from_pad(b.pad, col, q_len)
+        if j == 0:
+            h = fam.embed(cfg, w, b.ids, positions)
+        elif j == cfg.num_layers + 1:
+            b.logits = fam.head(cfg, w, h[:, -1])  # (b, vocab) fp32
+            h = None
+        else:
+            h = self._layer(j - 1, w, b, h, positions, col, q_len, loaded_kv)
+        if h is not None and not self.act_on_gpu:
+            ev = s.event(s.compute)
+            s.wait(s.store, ev)
+            with _on(s.store):
+                h = h.to(self.host, non_blocking=True)
+            b.stored = s.event(s.store)
+        b.hidden = h
+
+    def _layer(self, layer: int, w, b: _Batch, h, positions, col: int, q_len: int, loaded_kv):
+        cfg, s = self.cfg, self.streams
+        q, k, v = self.fam.pre_attention(cfg, w, h, positions)  # q (b, H, s, hd); k, v (b, KV, s, hd)
+        kc, vc = b.kv[layer]
+        end = col + q_len
+        on_cpu = self.kv_tier[layer] == "cpu"
+        no_pad = b.no_pad
+        if on_cpu and self.policy.cpu_attention and col > 0:
+            # Decode attention where the cache lives: only q/k/v of the new token cross the link.
+            qh, kh, vh = q.to(self.host), k.to(self.host), v.to(self.host)
+            self._kv_write(layer, kc, kh, col)
+            self._kv_write(layer, vc, vh, col)
+            dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype
+            ks, vs = self._kv_view(layer, kc, end).to(dt), self._kv_view(layer, vc, end).to(dt)
+            mask = None if no_pad else L.attention_mask(b.pad_cpu, col, q_len, end)
+            attn = L.attend(qh.to(dt), ks, vs, mask, self.scale)
+            attn = attn.to(self.dtype).to(self.device, non_blocking=True)
+        elif on_cpu:
+            if col == 0:
+                ks, vs = k, v
+            else:  # the prefetched prefix (b, KV, col, hd) plus this step's token
+                ks = torch.cat([loaded_kv[0].permute(1, 2, 0, 3), k], dim=2)
+                vs = torch.cat([loaded_kv[1].permute(1, 2, 0, 3), v], dim=2)
+            attn = self._attend(q, ks, vs, b, col, q_len, end)
+            ev = s.event(s.compute)
+            s.wait(s.store, ev)
+            with _on(s.store):
+                self._kv_write(layer, kc, k, col)
+                self._kv_write(layer, vc, v, col)
+            b.stored = s.event(s.store)
+        else:
+            self._kv_write(layer, kc, k, col)
+            self._kv_write(layer, vc, v, col)
+            if col == 0 and not isinstance(kc, cq.Packed):
+                ks, vs = k, v
+            else:
+                ks, vs = self._kv_view(layer, kc, end), self._kv_view(layer, vc, end)
+            attn = self._attend(q, ks, vs, b, col, q_len, end)
+        return self.fam.post_attention(cfg, w, h, attn)
+
+    def _attend(self, q, ks, vs, b: _Batch, col: int, q_len: int, end: int) -> torch.Tensor:
+        if b.no_pad:  # no padding: causal prefill or unmasked decode, so fused kernels apply
+            return L.attend(q, ks.to(q.dtype), vs.to(q.dtype), None, self.scale, causal=col == 0 and q_len > 1)
+        mask = L.attention_mask(b.pad, col, q_len, end)
+        return L.attend(q, ks.to(q.dtype), vs.to(q.dtype), mask, self.scale)
+
+    def _sample(self, batches: list[_Batch], s: SamplingSettings, hook, last: bool) -> list[Result]:
+        done: list[Result] = []
+        for b in batches:
+            logits = b.logits
+            if hook is not None:
+                logits = hook.mask([r.key for r in b.rows], logits)
+            nxt = sample(logits, s, b.gens)
+            if hook is not None:
+                hook.advance([r.key for r in b.rows], nxt)
+            host = nxt.tolist()  # the one sync per step and batch
+            b.ids = nxt[:, None]
+            for i, (r, t) in enumerate(zip(b.rows, host)):
+                if b.finish[i] is not None:
+                    continue
+                self.stats.generated_tokens += 1
+                if t in self.eos:
+                    b.finish[i] = "eos"
+                else:
+                    b.tokens[i].append(t)
+                text = None
+                if s.stop and b.finish[i] is None:
+                    text = self.tok.decode(b.tokens[i])
+                    cut = find_stop(text, s.stop)
+                    if cut is not None:
+                        b.finish[i], text = "stop", text[:cut]
+                if b.finish[i] is None and (last or len(b.tokens[i]) >= s.max_new_tokens):
+                    b.finish[i] = "length"
+                if b.finish[i] is not None:
+                    if text is None:
+                        text = self.tok.decode(b.tokens[i])
+                    if b.finish[i] == "stop":
+                        b.tokens[i] = self.tok.encode(text) if text else []
+                    done.append(Result(key=r.key, token_ids=list(b.tokens[i]), text=text, finish_reason=b.finish[i],
+                                       prompt_tokens=len(r.prompt_ids)))
+        return done
+
+
+def _to_device(c, end: int, device: torch.device) -> torch.Tensor:
+    """Columns [0, end) of a seq-major host cache on the device; compressed caches travel
+    compressed and are dequantised on arrival."""
+    if isinstance(c, cq.Packed):
+        return cq.dequantize(cq.narrow(c, 0, 0, end).to(device, non_blocking=True))
+    return c[:end].to(device, non_blocking=True)
+
+
+def _prefix(c, end: int) -> torch.Tensor:
+    """Columns [0, end) of a seq-major host cache (dequantised if compressed)."""
+    if isinstance(c, cq.Packed):
+        return cq.read_tokens(c, end, seq_dim=0)
+    return c[:end]
+
+
+class _on:
+    """``with _on(stream):`` — a CUDA stream context, or nothing for the CPU."""
+
+    def __init__(self, stream):
+        self.ctx = torch.cuda.stream(stream) if stream is not None else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)

@@ -1,0 +1,165 @@
+"""Storage tiers: they move bytes and know nothing about models.
+
+* ``gpu``  — tensors resident on the compute device (the CPU itself on a CPU-only machine).
+* ``cpu``  — pinned host memory (plain host memory when there is no CUDA), counted against a budget.
+* ``disk`` — one file per named record under ``offload_dir``: all tensors of the record packed
+  back to back, read with one large sequential ``readinto`` into a reusable pinned buffer.
+
+A record is a flat ``dict[str, Tensor]``. Disk reads run on an I/O worker pool; a failure is
+re-raised in the caller at the next ``wait`` as :class:`OffloadIOError` — never a hang (FlexGen's
+copy threads die silently and the main loop waits forever).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from corpusgen.errors import BudgetError, OffloadIOError
+
+Record = dict[str, torch.Tensor]
+IO_TIMEOUT_S = 600.0  # a disk read that takes longer than this is treated as a failure, not waited on
+
+
+def can_pin() -> bool:
+    return torch.cuda.is_available()
+
+
+class HostArena:
+    """Pinned host allocations, counted against ``budget`` bytes (None = unlimited)."""
+
+    def __init__(self, budget: int | None = None):
+        self.budget = budget
+        self.used = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, pin_memory=can_pin())
+        self._count(t.numel() * t.element_size())
+        return t
+
+    def hold(self, t: torch.Tensor) -> torch.Tensor:
+        """Move ``t`` into the arena (pinned copy)."""
+        out = self.empty(t.shape, t.dtype)
+        out.copy_(t)
+        return out
+
+    def release(self, t: torch.Tensor) -> None:
+        with self._lock:
+            self.used -= t.numel() * t.element_size()
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            if self.budget is not None and self.used + nbytes > self.budget:
+                gib = 2**30
+                raise BudgetError(
+                    f"cpu_memory budget of {self.budget / gib:.2f} GiB exceeded: {self.used / gib:.2f} GiB in use, "
+                    f"{nbytes / gib:.2f} GiB more requested; raise engine.cpu_memory or move weights to disk"
+                )
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+_ALIGN = 4096  # keep every tensor's start aligned so views into the staging buffer are aligned
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+class DiskTier:
+    """One file per record under ``root``; reads into reusable host buffers on a worker pool."""
+
+    def __init__(self, root: str | Path, workers: int = 4):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, tuple[Path, list[_Entry], int]] = {}
+        self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="corpusgen-io")
+        self.bytes_written = 0
+        self.bytes_read = 0
+
+    def put(self, key: str, record: Record) -> int:
+        """Write ``record`` to its file; return its size in bytes."""
+        entries, offset = [], 0
+        for name, t in record.items():
+            nbytes = t.numel() * t.element_size()
+            entries.append(_Entry(name, str(t.dtype), tuple(t.shape), offset, nbytes))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        path = self.root / f"{key}.bin"
+        try:
+            with open(path, "wb") as f:
+                for e, t in zip(entries, record.values()):
+                    f.seek(e.offset)
+                    f.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+                f.truncate(offset)
+            (self.root / f"{key}.json").write_text(json.dumps([e.__dict__ for e in entries]))
+        except OSError as e:
+            raise OffloadIOError(f"{path}: cannot write the disk tier ({e.strerror}); free space or change engine.offload_dir") from None
+        self._index[key] = (path, entries, offset)
+        self.bytes_written += offset
+        return offset
+
+    def size(self, key: str) -> int:
+        return self._index[key][2]
+
+    def read_into(self, key: str, buf: torch.Tensor) -> Record:
+        """Read the record into ``buf`` (uint8, at least size(key)) and return views into it."""
+        path, entries, size = self._index[key]
+        assert buf.numel() >= size, (key, buf.numel(), size)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                view = memoryview(buf[:size].numpy())
+                got = 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise OSError(0, f"file is truncated at {got} of {size} bytes")
+                    got += n
+        except OSError as e:
+            raise OffloadIOError(f"{path}: disk tier read failed ({e.strerror or e}); check engine.offload_dir") from None
+        self.bytes_read += size
+        out: Record = {}
+        for e in entries:
+            out[e.name] = buf[e.offset:e.offset + e.nbytes].view(_dtype(e.dtype)).view(e.shape)
+        return out
+
+    def submit(self, fn, *args) -> cf.Future:
+        return self.pool.submit(fn, *args)
+
+    @staticmethod
+    def wait(fut: cf.Future, timeout: float = IO_TIMEOUT_S):
+        """The future's result; any failure (or a timeout) surfaces here as OffloadIOError."""
+        try:
+            return fut.result(timeout=timeout)
+        except OffloadIOError:
+            raise
+        except cf.TimeoutError:
+            raise OffloadIOError(f"a disk tier read did not finish within {timeout:.0f} s; check the offload disk") from None
+        except Exception as e:  # noqa: BLE001 - any worker failure must reach the caller
+            raise OffloadIOError(f"disk tier worker failed: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for path, _, _ in self._index.values():
+            for p in (path, path.with_suffix(".json")):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        self._index.clear()
