@@ -149,12 +149,21 @@ def _eos_tuple(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-def from_hf_config(cfg: Mapping[str, Any], name: str = "") -> ModelConfig:
-    """Build a config from the dict of an HF ``config.json``."""
+def from_hf_config(cfg: Mapping[str, Any], name: str = "", *, source: str = "") -> ModelConfig:
+    """Build a config from the dict of an HF ``config.json`` (``source``: its path, named in errors)."""
+    name = name or cfg.get("_name_or_path", cfg.get("model_type", ""))
+    try:
+        return _from_hf_config(cfg, name, source or name)
+    except KeyError as e:
+        raise ModelError(f"{source or name}: config.json lacks the key {e}; the file is incomplete") from None
+
+
+def _from_hf_config(cfg: Mapping[str, Any], name: str, where: str) -> ModelConfig:
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type", "")
-    name = name or cfg.get("_name_or_path", model_type)
     if model_type == "opt" or "OPTForCausalLM" in archs:
+        if cfg.get("activation_function", "relu") != "relu":  # e.g. Galactica (gelu)
+            raise ModelError(f"{where}: OPT activation {cfg['activation_function']!r} is not supported (only relu)")
         hidden = cfg["hidden_size"]
         proj = cfg.get("word_embed_proj_dim", hidden)
         return ModelConfig(
@@ -170,7 +179,9 @@ def from_hf_config(cfg: Mapping[str, Any], name: str = "") -> ModelConfig:
         )
     if model_type in ("llama", "mistral", "qwen2") or _LLAMA_LIKE & set(archs):
         if cfg.get("hidden_act", "silu") != "silu":
-            raise ModelError(f"{name}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+            raise ModelError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+        if cfg.get("mlp_bias"):
+            raise ModelError(f"{where}: mlp_bias is not supported (Llama-family MLPs without bias only)")
         heads = cfg["num_attention_heads"]
         rs = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
         rope_type = rs.get("rope_type", rs.get("type")) if rs else None
@@ -182,7 +193,7 @@ def from_hf_config(cfg: Mapping[str, Any], name: str = "") -> ModelConfig:
                 original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
             )
         elif rope_type not in (None, "default"):
-            raise ModelError(f"{name}: rope scaling {rope_type!r} is not supported (default or llama3)")
+            raise ModelError(f"{where}: rope scaling {rope_type!r} is not supported (default or llama3)")
         theta = cfg.get("rope_theta", rs.get("rope_theta", 10000.0) if rs else 10000.0)
         return ModelConfig(
             name=name, family="llama", vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
@@ -197,7 +208,7 @@ def from_hf_config(cfg: Mapping[str, Any], name: str = "") -> ModelConfig:
             pad_token_id=cfg.get("pad_token_id"),
         )
     raise ModelError(
-        f"{name}: architecture {archs or model_type!r} is not supported; "
+        f"{where}: architecture {archs or model_type!r} is not supported; "
         "supported: OPTForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
     )
 
@@ -211,19 +222,33 @@ def from_hf_dir(path: Path) -> ModelConfig:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
         raise ModelError(f"{cfg_file}: cannot be parsed as JSON ({e})") from None
-    return from_hf_config(cfg, name=Path(path).name)
+    return from_hf_config(cfg, name=Path(path).name, source=str(cfg_file))
 
 
-def from_gguf_metadata(meta: Mapping[str, Any], name: str = "") -> ModelConfig:
-    """Build a config from GGUF key/values (``general.architecture`` = llama, qwen2, …)."""
+def from_gguf_metadata(meta: Mapping[str, Any], name: str = "", *, source: str = "") -> ModelConfig:
+    """Build a config from GGUF key/values (``general.architecture`` = llama, qwen2, …).
+
+    ``meta["_tied"]`` says whether the LM head is tied (the file has no ``output.weight``);
+    ``source`` (the file's path) is named in errors.
+    """
+    try:
+        return _from_gguf_metadata(meta, name, source or name)
+    except KeyError as e:
+        raise ModelError(f"{source or name}: GGUF metadata lacks the key {e}; the file is incomplete") from None
+
+
+def _from_gguf_metadata(meta: Mapping[str, Any], name: str, where: str) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in ("llama", "mistral", "qwen2"):
-        raise ModelError(f"{name}: GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)")
+        raise ModelError(f"{where}: GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)")
     p = f"{arch}."
     heads = int(meta[p + "attention.head_count"])
     hidden = int(meta[p + "embedding_length"])
     vocab = meta.get(p + "vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    # Chat GGUFs (Llama-3) name their end-of-turn token separately; it ends a row like EOS.
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                             "tokenizer.ggml.eom_token_id") if meta.get(k) is not None]
+    eos = list(dict.fromkeys(int(t) for t in eos))
     return ModelConfig(
         name=name or str(meta.get("general.name", arch)), family="llama", vocab_size=int(vocab),
         hidden_size=hidden, num_layers=int(meta[p + "block_count"]), num_heads=heads,

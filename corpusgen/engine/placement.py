@@ -51,6 +51,7 @@ class WeightStore:
         self.meta: list[dict[str, tuple]] = []  # per unit: (shape, dtype, bits, group_size, axis) of packed tensors
         self.resident_bytes = {"gpu": 0, "cpu": 0, "disk": 0}
         shared: dict[int, torch.Tensor] = {}
+        self._keep: list[torch.Tensor] = []
         for j, (name, w) in enumerate(units):
             assert name == self.names[j], (name, self.names[j])
             tier = "gpu" if j in (0, cfg.num_layers + 1) else self.weight_tiers[j - 1]
@@ -64,6 +65,7 @@ class WeightStore:
             self.tier.append(tier)
             self.records.append(record)
             self.meta.append(meta)
+        self._keep.clear()
         disk_sizes = [disk.size(n) for n, t in zip(self.names, self.tier) if t == "disk"] if disk else []
         # Two pinned staging buffers: one being filled from disk while the other drains to the GPU.
         self.staging = [arena.empty((max(disk_sizes),), torch.uint8) for _ in range(2)] if disk_sizes else []
@@ -89,7 +91,10 @@ class WeightStore:
                 for part, buf in zip(_PARTS, p.buffers):
                     record[f"{name}.{part}"] = self._place(buf, tier)
             else:
-                record[name] = shared[id(t)] = self._place(t.to(self.dtype), tier)
+                record[name] = self._place(t.to(self.dtype), tier)
+                if unit == "embed":  # only the embedding can be tied; keep `t` alive so its id stays unique
+                    shared[id(t)] = record[name]
+                    self._keep.append(t)
         return record, meta
 
     def _place(self, t: torch.Tensor, tier: str) -> torch.Tensor:

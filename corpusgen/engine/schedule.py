@@ -216,6 +216,7 @@ class BlockEngine:
         if pending is not None:
             loaded_kv, loaded_h, ev = pending
             s.wait(s.compute, ev)
+            _handoff([*(loaded_kv or ()), loaded_h], s.compute, s.load)
         h = loaded_h if loaded_h is not None else b.hidden
         q_len = b.ids.shape[1]
         positions = L.positions_from_pad(b.pad, col, q_len)
@@ -229,6 +230,7 @@ class BlockEngine:
         if h is not None and not self.act_on_gpu:
             ev = s.event(s.compute)
             s.wait(s.store, ev)
+            _handoff([h], s.store, s.compute)
             with _on(s.store):
                 h = h.to(self.host, non_blocking=True)
             b.stored = s.event(s.store)
@@ -260,6 +262,7 @@ class BlockEngine:
             attn = self._attend(q, ks, vs, b, col, q_len, end)
             ev = s.event(s.compute)
             s.wait(s.store, ev)
+            _handoff([k, v], s.store, s.compute)
             with _on(s.store):
                 self._kv_write(layer, kc, k, col)
                 self._kv_write(layer, vc, v, col)
@@ -315,6 +318,16 @@ class BlockEngine:
                     done.append(Result(key=r.key, token_ids=list(b.tokens[i]), text=text, finish_reason=b.finish[i],
                                        prompt_tokens=len(r.prompt_ids)))
         return done
+
+
+def _handoff(tensors, user, owner) -> None:
+    """Tell the caching allocator that ``user`` stream reads tensors allocated on ``owner``, so
+    their memory is not reused before that stream is done with it."""
+    if user is None or user is owner:
+        return
+    for t in tensors:
+        if t is not None and t.is_cuda:
+            t.record_stream(user)
 
 
 def _to_device(c, end: int, device: torch.device) -> torch.Tensor:
