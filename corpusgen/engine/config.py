@@ -163,7 +163,8 @@ def _from_hf_config(cfg: Mapping[str, Any], name: str, where: str) -> ModelConfi
     model_type = cfg.get("model_type", "")
     if model_type == "opt" or "OPTForCausalLM" in archs:
         if cfg.get("activation_function", "relu") != "relu":  # e.g. Galactica (gelu)
-            raise ModelError(f"{where}: OPT activation {cfg['activation_function']!r} is not supported (only relu)")
+            act = cfg["activation_function"]
+            raise ModelError(f"{where}: OPT activation {act!r} is not supported (only relu)")
         hidden = cfg["hidden_size"]
         proj = cfg.get("word_embed_proj_dim", hidden)
         return ModelConfig(

@@ -168,7 +168,8 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
     check_budgets(est, gpu_memory, cpu_memory)
     if dev.type == "cuda" and gpu_memory:
         total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory / total), dev)
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory / total), index)
     tmp = None
     needs_disk = est.disk > 0
     if needs_disk and offload_dir is None:

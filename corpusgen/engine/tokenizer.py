@@ -161,15 +161,14 @@ def _load(path_str: str, mtime_ns: int) -> Tokenizer:
     path = Path(path_str)
     from transformers import AutoTokenizer
 
-    extra_eos: list[int] = []
+    from corpusgen.engine.weights import generation_eos
+
+    extra_eos: tuple[int, ...] = ()
     with _offline():
         try:
             if path.is_dir():
                 hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
-                gen = path / "generation_config.json"
-                if gen.is_file():
-                    eos = json.loads(gen.read_text()).get("eos_token_id")
-                    extra_eos = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+                extra_eos = generation_eos(path)
             elif path.suffix == ".gguf":
                 hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
             else:

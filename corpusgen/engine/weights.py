@@ -192,20 +192,23 @@ def load_config(source: str | Path) -> ModelConfig:
         return preset(str(source))
     if path.is_dir():
         config = from_hf_dir(path)
-        # Instruct models list their end-of-turn tokens in generation_config.json, not config.json.
-        gen = path / "generation_config.json"
-        if gen.is_file():
-            try:
-                eos = json.loads(gen.read_text()).get("eos_token_id")
-            except ValueError as e:
-                raise ModelError(f"{gen}: cannot be parsed as JSON ({e}); fix or delete the file") from None
-            extra = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-            merged = config.eos_token_ids + tuple(t for t in extra if t not in config.eos_token_ids)
-            config = config.replace(eos_token_ids=merged)
-        return config
+        eos = tuple(dict.fromkeys(config.eos_token_ids + generation_eos(path)))
+        return config.replace(eos_token_ids=eos)
     if path.suffix == ".gguf":
         return _gguf_config(path, _open_gguf(path))
     raise ModelError(f"{path}: not a model; give an HF checkpoint directory, a .gguf file or a preset name")
+
+
+def generation_eos(path: Path) -> tuple[int, ...]:
+    """EOS ids of ``path/generation_config.json``: instruct models list end-of-turn tokens there."""
+    gen = path / "generation_config.json"
+    if not gen.is_file():
+        return ()
+    try:
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    except ValueError as e:
+        raise ModelError(f"{gen}: cannot be parsed as JSON ({e}); fix or delete the file") from None
+    return tuple(int(t) for t in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
 
 
 # ---- HF checkpoint directories

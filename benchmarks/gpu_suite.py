@@ -1,0 +1,159 @@
+"""One device call: correctness of the engine on CUDA, a hardware profile, and timed benches.
+
+    python benchmarks/gpu_suite.py check            # CUDA == CPU token for token, Triton self-check
+    python benchmarks/gpu_suite.py profile          # measure the machine -> $OUT/hardware.yaml
+    python benchmarks/gpu_suite.py bench NAME ...   # named configurations below, one subprocess each
+
+Every bench runs in its own process (a GPU budget caps the allocator for the whole process) and
+appends one JSON line to $OUT/bench.jsonl; a short table is printed last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OUT = Path(os.environ.get("OUT", "out"))
+GIB = 2**30
+
+
+def check() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from corpusgen.engine import compression as cq
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import IdTokenizer, open_engine
+    from corpusgen.policy.policy import Compression, Placement, Policy
+
+    print("triton self-check:", cq._selfcheck_triton())
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [3], [40, 41, 42], [7, 7, 7, 7]]
+    reqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(prompts)]
+    common = dict(vocab_size=99, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64,
+                  bos_token_id=1, eos_token_id=98, pad_token_id=0)
+    models = {"llama": LlamaForCausalLM(LlamaConfig(**common, intermediate_size=128, num_key_value_heads=2)),
+              "opt": OPTForCausalLM(OPTConfig(**common, ffn_dim=128))}
+    placements = [{}, dict(weights=Placement(gpu=0.0, cpu=1.0)), dict(weights=Placement(gpu=0.0, cpu=0.0)),
+                  dict(weights=Placement(gpu=0.5, cpu=0.25)), dict(kv_cache=Placement(gpu=0.0, cpu=1.0)),
+                  dict(kv_cache=Placement(gpu=0.5, cpu=0.5), cpu_attention=True),
+                  dict(activations=Placement(gpu=0.0, cpu=1.0)),
+                  dict(weights=Placement(gpu=0.0, cpu=0.5), kv_cache=Placement(gpu=0.0, cpu=1.0),
+                       activations=Placement(gpu=0.0, cpu=1.0), cpu_attention=True)]
+    failures = 0
+    for name, hf in models.items():
+        d = tempfile.mkdtemp()
+        hf.save_pretrained(d)
+
+        def gen(device, **pol):
+            eng = open_engine(d, dtype="float32", device=device, tokenizer=IdTokenizer(99), offload_dir=tempfile.mkdtemp(),
+                              policy=Policy(**pol))
+            out = {r.key: r.token_ids for r in eng.generate(reqs, SamplingSettings(max_new_tokens=10))}
+            eng.close()
+            return [out[str(i)] for i in range(len(prompts))]
+
+        ref = gen("cpu", gpu_batch_size=6)
+        for pl in placements:
+            for nb, overlap in ((1, True), (3, True), (2, False)):
+                got = gen("cuda", gpu_batch_size=-(-6 // nb), num_gpu_batches=nb, overlap=overlap, **pl)
+                ok = got == ref
+                failures += not ok
+                print(f"check {name} nb={nb} overlap={overlap} {pl}: {'OK' if ok else 'MISMATCH'}")
+        comp = dict(compress_weights=Compression(group_size=16), compress_kv=Compression(group_size=16))
+        cref = gen("cuda", gpu_batch_size=6, **comp)
+        for pl in placements[1:]:
+            got = gen("cuda", gpu_batch_size=2, num_gpu_batches=3, **comp, **pl)
+            agree = sum(a == b for x, y in zip(got, cref) for a, b in zip(x, y)) / sum(len(x) for x in cref)
+            print(f"check {name} compressed {pl}: token agreement with resident compressed {agree:.3f}")
+    print(f"CHECK FAILURES: {failures}")
+
+
+def profile() -> None:
+    from corpusgen.policy.hardware import measure, save_profile
+
+    prof = measure("cuda", offload_dir=tempfile.mkdtemp(dir="/tmp"))
+    save_profile(prof, OUT / "hardware.yaml")
+    print((OUT / "hardware.yaml").read_text())
+
+
+CONFIGS: dict[str, dict] = {}
+
+
+def _cfg(name: str, model: str, policy: dict, **kw) -> None:
+    CONFIGS[name] = dict(model=model, policy=policy, **kw)
+
+
+_GPU16 = dict(gpu_memory=16 * GIB, cpu_memory=110 * GIB)
+_cfg("opt6.7b-gpu-128x1", "opt-6.7b", dict(gpu_batch_size=128, num_gpu_batches=1), num_seqs=128)
+_cfg("opt6.7b-gpu-64x2", "opt-6.7b", dict(gpu_batch_size=64, num_gpu_batches=2), num_seqs=128)
+_cfg("opt30b-16g-plan", "opt-30b", dict(gpu_batch_size=16, num_gpu_batches=5, weights={"gpu": 5 / 48, "cpu": 43 / 48},
+                                        kv_cache={"gpu": 4 / 48, "cpu": 44 / 48}, activations={"gpu": 0, "cpu": 1}), **_GPU16)
+_cfg("opt30b-16g-flexgen", "opt-30b", dict(gpu_batch_size=32, num_gpu_batches=2, weights={"gpu": 0.1, "cpu": 0.9},
+                                           kv_cache={"gpu": 0, "cpu": 1}, activations={"gpu": 0, "cpu": 1},
+                                           cpu_attention=True), **_GPU16)
+_cfg("opt30b-16g-c4", "opt-30b", dict(gpu_batch_size=16, num_gpu_batches=8, weights={"gpu": 0, "cpu": 1},
+                                      kv_cache={"gpu": 21 / 48, "cpu": 27 / 48}, activations={"gpu": 0, "cpu": 1},
+                                      compress_weights={"bits": 4, "group_size": 64},
+                                      compress_kv={"bits": 4, "group_size": 64}), **_GPU16)
+
+
+def bench(names: list[str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        spec = CONFIGS[name]
+        t0 = time.time()
+        code = (
+            "import json,sys; from corpusgen.bench import run_bench; from corpusgen.policy.policy import policy_from_dict;"
+            "from corpusgen.policy.hardware import load_profile; import os;"
+            f"spec=json.loads({json.dumps(json.dumps(spec))});"
+            "prof=load_profile(os.environ['CG_PROFILE']) if os.path.exists(os.environ.get('CG_PROFILE','')) else None;"
+            "pol=policy_from_dict(spec.pop('policy')); model=spec.pop('model');"
+            f"rec=run_bench(model, dummy=True, policy=pol, profile=prof, label={name!r}, results_file=os.environ['CG_RESULTS'], **spec);"
+            "print('RESULT', json.dumps(rec))"
+        )
+        env = dict(os.environ, CG_RESULTS=str(OUT / "bench.jsonl"), CG_PROFILE=str(OUT / "hardware.yaml"),
+                   PYTHONUNBUFFERED="1")
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{name}: FAILED rc={r.returncode} after {time.time() - t0:.0f}s\n{r.stderr[-3000:]}")
+            continue
+        rec = json.loads(line[7:])
+        print(f"{name}: total {rec['total_tps']} tok/s (prefill {rec['prefill_s']}s, decode {rec['decode_s']}s, "
+              f"step {rec['decode_step_s']}s vs link {rec['decode_step_link_s']}s), peak gpu {rec['peak_gpu_gib']} GiB, "
+              f"pinned {rec['peak_pinned_gib']} GiB, wall {rec['wall_s']}s")
+
+
+def trace(model: str = "opt-6.7b", n: int = 128, gen: int = 4) -> None:
+    """Profile a few decode steps: where the GPU time goes (top kernels) and the CPU-side gaps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import open_engine
+    from corpusgen.policy.policy import Policy
+
+    eng = open_engine(model, dummy=True, policy=Policy(gpu_batch_size=n))
+    eng.block.eos = set()
+    reqs = [Request(key=str(i), prompt_ids=list(range(10, 522))) for i in range(n)]
+    list(eng.generate(reqs, SamplingSettings(max_new_tokens=2)))
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        list(eng.generate(reqs, SamplingSettings(max_new_tokens=gen)))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+    print("decode s/step", eng.stats.decode_seconds / (1 + gen - 1))
+
+
+if __name__ == "__main__":
+    what = sys.argv[1]
+    if what == "check":
+        check()
+    elif what == "profile":
+        profile()
+    elif what == "trace":
+        trace()
+    elif what == "bench":
+        bench(sys.argv[2:])

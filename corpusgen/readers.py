@@ -1,0 +1,345 @@
+"""Input corpora → a stream of keyed pyarrow record batches of bounded size.
+
+Parquet (file, directory, glob), DuckDB (.duckdb with a table or query), CSV and JSONL are read
+incrementally (never the whole file at once), so memory stays flat for any corpus size.
+Each row gets a key: the ``input.id`` column cast to a string, or ``<file basename>:<row number>``
+(row numbers start at 0 within each file). Problems of one row (null id, a JSONL line that is not
+JSON) travel with the batch in ``problems`` and become rows with status ``error``; problems of the
+whole input (missing file or column, empty input, unreadable format) raise :class:`InputError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import pyarrow as pa
+
+from corpusgen.errors import InputError, JobSpecError
+from corpusgen.spec import InputSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowBatch:
+    """Up to ``batch_rows`` input rows with their keys."""
+
+    keys: list[str]
+    """One key per row."""
+    rows: pa.RecordBatch
+    """The selected columns."""
+    problems: list[str | None]
+    """Per row: None, or why the row cannot be used (it is written with status ``error``)."""
+
+
+class InputReader:
+    """An opened input: its columns, its row count when cheap to know, and its batches."""
+
+    def __init__(self, spec: InputSpec, *, columns: Sequence[str] | None = None, limit: int | None = None):
+        if spec.path is None:
+            raise InputError("no input given; set input.path in the job or pass --input PATH")
+        try:
+            self.format = spec.resolved_format()
+        except JobSpecError as e:
+            raise InputError(str(e)) from None
+        self.spec = spec
+        self.limit = limit
+        self._source = _SOURCES[self.format](spec)
+        self.available: list[str] = self._source.columns()
+        if not self.available:
+            raise InputError(f"{spec.path}: the input is empty (no columns, no rows); "
+                             "point --input at a non-empty corpus")
+        self.columns: list[str] = []
+        """The columns batches carry (set by :meth:`select`)."""
+        self.select(columns if columns is not None else self.available)
+        total = self._source.total_rows()
+        self.total_rows: int | None = total if limit is None or total is None else min(total, limit)
+        if total == 0:
+            raise InputError(f"{spec.path}: the input has no rows; point --input at a non-empty corpus")
+
+    def select(self, columns: Sequence[str]) -> None:
+        """Read only ``columns`` (plus the id column); InputError names a missing one."""
+        wanted = list(dict.fromkeys(columns))
+        if self.spec.id is not None and self.spec.id not in wanted:
+            wanted.append(self.spec.id)
+        for col in wanted:
+            if col not in self.available:
+                where = "input.id" if col == self.spec.id else "input.columns"
+                raise InputError(f"{self.spec.path}: no column {col!r} ({where}); "
+                                 f"available columns: {', '.join(self.available)}")
+        # at least one column, so that batches know their row count
+        self.columns = wanted or self.available[:1]
+
+    def batches(self) -> Iterator[RowBatch]:
+        """Stream the input as RowBatches of at most ``batch_rows`` rows, stopping at ``limit``."""
+        seen = 0
+        for label, batch in self._source.batches(self.columns, self.spec.batch_rows):
+            if self.limit is not None and seen + batch.num_rows > self.limit:
+                batch = batch.slice(0, self.limit - seen)
+            if batch.num_rows:
+                keys, problems = self._keys(label, batch)
+                yield RowBatch(keys=keys, rows=batch, problems=problems)
+            seen += batch.num_rows
+            if self.limit is not None and seen >= self.limit:
+                return
+        if seen == 0:
+            raise InputError(f"{self.spec.path}: the input has no rows; point --input at a non-empty corpus")
+
+    def _keys(self, label: tuple[str, int], batch: pa.RecordBatch) -> tuple[list[str], list[str | None]]:
+        name, start = label
+        fallback = [f"{name}:{start + i}" for i in range(batch.num_rows)]
+        problems: list[str | None] = [None] * batch.num_rows
+        if "__problem__" in batch.schema.names:
+            problems = batch.column("__problem__").to_pylist()
+        if self.spec.id is None:
+            return fallback, problems
+        keys = []
+        for i, v in enumerate(batch.column(self.spec.id).to_pylist()):
+            if v is None:
+                keys.append(fallback[i])
+                problems[i] = problems[i] or f"id column {self.spec.id!r} is null"
+            else:
+                keys.append(v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v))
+        return keys, problems
+
+
+def open_input(spec: InputSpec, *, columns: Sequence[str] | None = None, limit: int | None = None) -> InputReader:
+    """Open ``spec``'s input, checking that ``columns`` (and the id column) exist."""
+    return InputReader(spec, columns=columns, limit=limit)
+
+
+def batch_records(batch: RowBatch) -> list[dict[str, Any]]:
+    """Rows of a batch as dicts (bytes that are valid UTF-8 become str; others stay bytes)."""
+    cols = {}
+    for name in batch.rows.schema.names:
+        if name == "__problem__":
+            continue
+        col = batch.rows.column(name)
+        try:
+            values = col.to_pylist()
+        except (UnicodeDecodeError, pa.ArrowInvalid):
+            values = col.cast(pa.binary()).to_pylist()
+        cols[name] = [_text(v) for v in values]
+    return [{k: cols[k][i] for k in cols} for i in range(batch.rows.num_rows)]
+
+
+def _text(v: Any) -> Any:
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return v
+    return v
+
+
+# --- sources: each yields ((file label, first row number), RecordBatch) ------------------------
+
+def _files(path: str, suffixes: tuple[str, ...]) -> list[str]:
+    p = Path(path)
+    if any(ch in path for ch in "*?["):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise InputError(f"{path}: the glob matches no files; check the pattern")
+        return files
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+        if not files:
+            raise InputError(f"{path}: the directory holds no {'/'.join(suffixes)} files")
+        return files
+    if not p.exists():
+        raise InputError(f"{path}: input not found; check input.path or --input")
+    return [str(p)]
+
+
+def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
+    for b in batches:
+        for off in range(0, b.num_rows, size):
+            yield b.slice(off, size)
+
+
+class _Parquet:
+    def __init__(self, spec: InputSpec):
+        import pyarrow.parquet as pq
+
+        self.files = _files(spec.path, (".parquet", ".pq"))
+        self._open = []
+        for f in self.files:
+            try:
+                # no pre-buffering: it holds whole row groups in memory ahead of the batches
+                self._open.append(pq.ParquetFile(f, pre_buffer=False))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise InputError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+    def columns(self) -> list[str]:
+        return list(self._open[0].schema_arrow.names)
+
+    def total_rows(self) -> int:
+        return sum(pf.metadata.num_rows for pf in self._open)
+
+    def batches(self, columns, size):
+        for f, pf in zip(self.files, self._open, strict=True):
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise InputError(f"{f}: no column {missing[0]!r}; "
+                                 f"available columns: {', '.join(pf.schema_arrow.names)}")
+            row = 0
+            for b in _rebatch(pf.iter_batches(batch_size=size, columns=list(columns)), size):
+                yield (os.path.basename(f), row), b
+                row += b.num_rows
+
+
+class _Csv:
+    def __init__(self, spec: InputSpec):
+        self.files = _files(spec.path, (".csv",))
+        self._header = {}
+        for f in self.files:
+            try:
+                with open(f, newline="", encoding="utf-8", errors="replace") as fh:
+                    self._header[f] = next(csv.reader(fh), [])
+            except OSError as e:
+                raise InputError(f"{f}: cannot read ({e.strerror})") from None
+
+    def columns(self) -> list[str]:
+        return list(self._header[self.files[0]])
+
+    def total_rows(self) -> None:
+        return None  # counting would read the whole file
+
+    def batches(self, columns, size):
+        import pyarrow.csv as pcsv
+
+        for f in self.files:
+            if not self._header[f]:
+                continue
+            # binary columns: decoding happens per row, so a bad byte is a row problem, not a crash
+            convert = pcsv.ConvertOptions(column_types={c: pa.binary() for c in self._header[f]},
+                                          include_columns=list(columns), strings_can_be_null=False,
+                                          quoted_strings_can_be_null=False)
+            try:
+                reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 20),
+                                       parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                                       convert_options=convert)
+                row = 0
+                for b in _rebatch(reader, size):
+                    yield (os.path.basename(f), row), b
+                    row += b.num_rows
+            except pa.ArrowInvalid as e:
+                raise InputError(f"{f}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+
+
+class _Jsonl:
+    def __init__(self, spec: InputSpec):
+        self.files = _files(spec.path, (".jsonl", ".ndjson"))
+        self._cols: list[str] | None = None
+
+    def columns(self) -> list[str]:
+        if self._cols is None:
+            # the keys of the first object that parses (columns may be absent in some rows → null)
+            for f in self.files:
+                with open(f, "rb") as fh:
+                    for line in fh:
+                        try:
+                            obj = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(obj, dict):
+                            self._cols = list(obj)
+                            return self._cols
+            self._cols = []
+        return self._cols
+
+    def total_rows(self) -> None:
+        return None
+
+    def batches(self, columns, size):
+        for f in self.files:
+            label = os.path.basename(f)
+            chunk: list[dict] = []
+            start = 0
+            with open(f, "rb") as fh:
+                for lineno, line in enumerate(raw for raw in fh if raw.strip()):
+                    chunk.append(_json_row(line, lineno, columns))
+                    if len(chunk) == size:
+                        yield (label, start), _pylist_batch(chunk, columns)
+                        start += len(chunk)
+                        chunk = []
+            if chunk:
+                yield (label, start), _pylist_batch(chunk, columns)
+
+
+def _json_row(line: bytes, lineno: int, columns) -> dict:
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return {"__problem__": f"row {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"}
+    except ValueError as e:
+        return {"__problem__": f"row {lineno}: not valid JSON ({e})"}
+    if not isinstance(obj, dict):
+        return {"__problem__": f"row {lineno}: expected a JSON object, got {type(obj).__name__}"}
+    return {c: obj.get(c) for c in columns}
+
+
+def _pylist_batch(chunk: list[dict], columns) -> pa.RecordBatch:
+    data = {}
+    for c in columns:
+        values = [r.get(c) for r in chunk]
+        try:
+            data[c] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # mixed types across rows: keep them as JSON text rather than failing
+            data[c] = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values])
+    data["__problem__"] = pa.array([r.get("__problem__") for r in chunk], pa.string())
+    return pa.RecordBatch.from_pydict(data)
+
+
+class _DuckDB:
+    def __init__(self, spec: InputSpec):
+        import duckdb
+
+        if not Path(spec.path).is_file():
+            raise InputError(f"{spec.path}: input not found; check input.path or --input")
+        try:
+            self.con = duckdb.connect(spec.path, read_only=True)
+        except duckdb.Error as e:
+            raise InputError(f"{spec.path}: not a readable DuckDB database ({str(e).splitlines()[0]})") from None
+        self.label = os.path.basename(spec.path)
+        self.table = spec.table
+        self.query = spec.query
+        tables = [r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
+        if self.query is None:
+            if self.table is None:
+                if len(tables) != 1:
+                    raise InputError(f"{spec.path}: holds tables {', '.join(tables) or '(none)'}; "
+                                     "choose one with input.table / --table or give input.query")
+                self.table = tables[0]
+            elif self.table not in tables:
+                raise InputError(f"{spec.path}: no table {self.table!r}; tables: {', '.join(tables) or '(none)'}")
+            self.query = f'SELECT * FROM "{self.table}"'
+        try:
+            self.rel = self.con.sql(self.query)
+        except duckdb.Error as e:
+            raise InputError(f"input.query failed: {str(e).splitlines()[0]}; fix the SQL") from None
+
+    def columns(self) -> list[str]:
+        return list(self.rel.columns)
+
+    def total_rows(self) -> int | None:
+        if self.table is None:
+            return None  # a query may be expensive to count
+        return self.con.execute(f'SELECT count(*) FROM "{self.table}"').fetchall()[0][0]
+
+    def batches(self, columns, size):
+        cols = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
+        rel = self.con.cursor().sql(f"SELECT {cols} FROM ({self.query})")
+        reader = rel.to_arrow_reader(size) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(size)
+        row = 0
+        for b in _rebatch(iter(reader), size):
+            yield (self.label, row), b
+            row += b.num_rows
+
+
+_SOURCES = {"parquet": _Parquet, "csv": _Csv, "jsonl": _Jsonl, "duckdb": _DuckDB}

@@ -1,0 +1,141 @@
+"""Output rows → Parquet parts with one Arrow schema fixed at job start, written atomically.
+
+A part is written as ``part-NNNNN.parquet.tmp``, flushed and fsynced, renamed to
+``part-NNNNN.parquet``, and the directory is fsynced; only then does the runner record it in the
+manifest (corpusgen.manifest). A crash before the manifest commit leaves a file the manifest does
+not know, which the next run deletes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATUSES = ("ok", "truncated", "schema_invalid", "prompt_too_long", "error")
+PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputRow:
+    """One row of the output table."""
+
+    key: str
+    """The row key (input id, or ``<file>:<row>``)."""
+    status: str
+    """ok | truncated | schema_invalid | prompt_too_long | error."""
+    text: str | None = None
+    """Generated text (stop string and EOS removed); null when the row was not generated."""
+    json: str | None = None
+    """The parsed answer re-serialised as compact JSON (status ok with a schema), else null."""
+    finish_reason: str | None = None
+    """eos | stop | length | error; null when the row never reached the engine."""
+    prompt_tokens: int = 0
+    """Prompt length in tokens (after truncate_middle)."""
+    gen_tokens: int = 0
+    """Generated tokens."""
+    prompt_cut: int = 0
+    """Tokens truncate_middle removed from the document column (0 when untouched)."""
+    error: str | None = None
+    """Why the row is not ok (validation message, engine error, reader problem), else null."""
+    run_id: str = ""
+    """The run that generated the row."""
+
+    def __post_init__(self) -> None:
+        assert self.status in STATUSES, self.status
+
+
+def output_schema(with_json: bool) -> pa.Schema:
+    """The Arrow schema of every part of a job (``json`` only when the job has an output schema)."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("json", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int32(), nullable=False),
+        pa.field("gen_tokens", pa.int32(), nullable=False),
+        pa.field("prompt_cut", pa.int32(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+    return pa.schema([f for f in fields if with_json or f.name != "json"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartInfo:
+    """A part file written and renamed into place (not yet in the manifest)."""
+
+    name: str
+    """File name, ``part-NNNNN.parquet``."""
+    rows: int
+    """Rows in the part."""
+    size: int
+    """Bytes on disk."""
+    sha256: str
+    """Hex digest of the file's bytes."""
+    statuses: Mapping[str, int]
+    """Rows per status."""
+
+
+def part_name(number: int) -> str:
+    return f"part-{number:05d}.parquet"
+
+
+def part_number(name: str) -> int | None:
+    m = PART_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rows_table(rows: Sequence[OutputRow], schema: pa.Schema) -> pa.Table:
+    """Rows as an Arrow table of ``schema``."""
+    cols: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for r in rows:
+        d = asdict(r)
+        for name in schema.names:
+            cols[name].append(d[name])
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def write_part(out_dir: Path, number: int, rows: Sequence[OutputRow], schema: pa.Schema) -> PartInfo:
+    """Write ``rows`` as part ``number``: tmp file → fsync → rename → fsync the directory."""
+    assert rows, "a part has at least one row"
+    name = part_name(number)
+    buf = io.BytesIO()
+    pq.write_table(rows_table(rows, schema), buf, compression="zstd")
+    data = buf.getvalue()
+    tmp = out_dir / (name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / name)
+    fsync_dir(out_dir)
+    statuses: dict[str, int] = {}
+    for r in rows:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    return PartInfo(name=name, rows=len(rows), size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                    statuses=statuses)
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Replace ``path`` with ``data`` as JSON so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
