@@ -46,12 +46,14 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str | None, device: torch.device, cfg: ModelConfig) -> torch.dtype:
+def pick_dtype(dtype: str | None, device: torch.device, cfg: ModelConfig, policy: Policy | None = None) -> torch.dtype:
     if dtype not in (None, "auto"):
         if dtype not in _DTYPES:
             raise ModelError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(_DTYPES)}")
         return _DTYPES[dtype]
     if device.type == "cuda":
+        if policy is not None and policy.cpu_attention and cpu_has_bf16():
+            return torch.bfloat16  # the CPU attends over the cache: bf16 is native there, fp16 is not
         return torch.float16 if cfg.family == "opt" else torch.bfloat16
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
@@ -162,8 +164,8 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
     t0 = time.perf_counter()
     cfg = load_config(model)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev, cfg)
     policy = policy or Policy()
+    dt = pick_dtype(dtype, dev, cfg, policy)
     est = memory_per_tier(cfg, policy, prompt_len, gen_len, dtype_bytes=torch.finfo(dt).bits // 8)
     check_budgets(est, gpu_memory, cpu_memory)
     if dev.type == "cuda" and gpu_memory:

@@ -98,6 +98,13 @@ class BlockEngine:
         self.device, self.dtype = device, dtype
         self.eos = set(eos_ids)
         self.streams = _Streams(device, policy.overlap)
+        if device.type == "cuda":
+            # cuDNN attention rebuilds its graph for every new KV length: ~1 ms of host time per
+            # call, which made decode host-bound (measured on an H200). Flash/efficient kernels don't.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        # Host KV layout: seq-major (one contiguous store per token, one contiguous prefetch) when
+        # the GPU attends; batch-major when the CPU attends, so its attention reads contiguous rows.
+        self.host_seq_major = not policy.cpu_attention
         self.host = torch.device("cpu")
         self.kv_tier = store.kv_tiers  # per layer: "gpu" | "cpu"
         self.act_on_gpu = store.placement.activations_on_gpu
@@ -128,6 +135,7 @@ class BlockEngine:
                     nxt = self._load_cache(j, batches[k + 1], col) if k + 1 < len(batches) else None
                     self._compute(j, w, b, col, pending)
                     pending = nxt
+                w = None  # drop this layer's (dequantised) weights before the next get()
                 self.store.release(j)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
@@ -162,7 +170,8 @@ class BlockEngine:
         columns [0, c) is one contiguous copy."""
         cfg, comp = self.cfg, self.policy.compress_kv
         on_gpu = self.kv_tier[j] == "gpu"
-        shape = (b, cfg.num_kv_heads, total, cfg.head_dim) if on_gpu else (total, b, cfg.num_kv_heads, cfg.head_dim)
+        batch_major = on_gpu or not self.host_seq_major
+        shape = (b, cfg.num_kv_heads, total, cfg.head_dim) if batch_major else (total, b, cfg.num_kv_heads, cfg.head_dim)
         if comp is not None:
             dev = self.device if on_gpu else self.host
             return tuple(cq.Packed.empty(shape, self.dtype, comp.bits, comp.group_size, -1, dev,
@@ -190,16 +199,21 @@ class BlockEngine:
 
     def _kv_view(self, layer: int, c, end: int) -> torch.Tensor:
         """Columns [0, end) of cache ``c`` as (b, kv_heads, end, hd) (dequantised if compressed)."""
-        x = _prefix(c, end) if self.kv_tier[layer] == "cpu" else None
-        if x is not None:
-            return x.permute(1, 2, 0, 3)
+        if self.kv_tier[layer] == "cpu" and self.host_seq_major:
+            return _prefix(c, end).permute(1, 2, 0, 3)
         if isinstance(c, cq.Packed):
             return cq.read_tokens(c, end, seq_dim=2)
         return c[:, :, :end]
 
     def _kv_write(self, layer: int, c, x: torch.Tensor, col: int) -> None:
         """Write x (b, kv_heads, t, hd) at columns [col, col + t) of cache ``c``."""
-        if self.kv_tier[layer] == "cpu":
+        if self.kv_tier[layer] == "cpu" and not self.host_seq_major:
+            x = x.to(self.host)  # a strided host write: stage on the host first (prefill only on GPU)
+            if isinstance(c, cq.Packed):
+                cq.write_tokens(c, x, col, seq_dim=2)
+            else:
+                c[:, :, col:col + x.shape[2]].copy_(x)
+        elif self.kv_tier[layer] == "cpu":
             x = x.permute(2, 0, 1, 3)  # (t, b, kv_heads, hd)
             if isinstance(c, cq.Packed):
                 cq.write_tokens(c, x, col, seq_dim=0, non_blocking=True)
@@ -248,7 +262,7 @@ class BlockEngine:
             qh, kh, vh = q.to(self.host), k.to(self.host), v.to(self.host)
             self._kv_write(layer, kc, kh, col)
             self._kv_write(layer, vc, vh, col)
-            dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype
+            dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype  # CPUs have no fast fp16
             ks, vs = self._kv_view(layer, kc, end).to(dt), self._kv_view(layer, vc, end).to(dt)
             mask = None if no_pad else L.attention_mask(b.pad_cpu, col, q_len, end)
             attn = L.attend(qh.to(dt), ks, vs, mask, self.scale)

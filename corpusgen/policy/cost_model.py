@@ -21,7 +21,7 @@ every step, for every layer ``j``:
   dequantisation when compressed), the output comes back. It is on the batch's critical path, so it
   counts as compute.
 
-Overlap on: ``layer = max(load(j+1), dequant + nb · max(compute, cache I/O))``; overlap off: the
+Overlap on: ``layer = max(load(j+1) + nb · cache I/O, dequant + nb · max(compute, cache I/O))`` (weights and cache share the link); overlap off: the
 sum of all. Each step adds the head (logits of the block). Throughput = ``block · gen_len /
 (prefill + decode)``. Every term is affine in the context length, so decode steps are summed
 exactly by evaluating the terms at the first and last context and interpolating.
@@ -180,7 +180,8 @@ def _phase(t: StepTerms, classes: Counter, nb: int, act_gpu: bool, overlap: bool
         c = t.compute + extra
         i = (t.io_kv_cpu if kv == "cpu" else 0.0) + (0.0 if act_gpu else t.io_act_cpu)
         if overlap:
-            layer = max(ld, t.dequant + nb * max(c, i))
+            # Weights and cache I/O share one host link: their bytes queue behind each other.
+            layer = max(ld + nb * i, t.dequant + nb * max(c, i))
         else:
             layer = ld + t.dequant + nb * (c + i)
         cpu_part = extra if (kv == "cpu" and t.cpu_attention) else 0.0
