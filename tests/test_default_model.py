@@ -22,7 +22,7 @@ pytestmark = [
 INSTRUCTIONS = [
     "Name three colours.",
     "What is 2 + 2?",
-    "Write a haiku about the sea.",
+    "Say hello in French.",
     "Give one tip for writing clear Python code, in a single sentence.",
     "Translate 'good morning' into French.",
 ]

@@ -220,3 +220,13 @@ def test_infeasible_budget_is_refused_before_allocation(tmp_path):
     with pytest.raises(BudgetError, match="GPU budget short by"):
         open_engine("opt-175b", dummy=True, device="cpu", gpu_memory=16 * 2**30, cpu_memory=100 * 2**30,
                     policy=Policy(gpu_batch_size=8))
+
+
+def test_chunked_weight_quantisation_equals_whole():
+    """Quantising a weight in row chunks (to bound GPU temporaries) gives the same packed bytes."""
+    from corpusgen.engine import compression as cq
+    from corpusgen.engine.placement import _quantize_rows
+
+    t = torch.randn(300, 130)
+    a, b = _quantize_rows(t, 4, 64, chunk=130 * 7), cq.quantize(t, 4, 64, axis=-1)
+    assert all(torch.equal(x, y) for x, y in zip(a.buffers, b.buffers)) and a.shape == b.shape

@@ -7,6 +7,7 @@ policy is simply "all on gpu", and the same schedule runs (there is no second co
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -25,6 +26,9 @@ from corpusgen.engine.weights import dummy_units, iter_units, load_config, resol
 from corpusgen.errors import CorpusgenError, ModelError
 from corpusgen.policy.memory import check_budgets, memory_per_tier
 from corpusgen.policy.policy import Policy
+
+# Expandable segments: a 16 GiB budget OOMed with 2 GiB reserved-but-fragmented without them.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

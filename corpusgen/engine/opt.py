@@ -41,7 +41,8 @@ def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Te
     if not pre:
         h = layer_norm(h, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps)
     x = layer_norm(h, w["mlp_norm"], w["mlp_norm_bias"], cfg.norm_eps) if pre else h
-    h = h + linear(F.relu(linear(x, w["fc1"], w["fc1_bias"])), w["fc2"], w["fc2_bias"])
+    # in-place ReLU: the (b, s, ffn) intermediate is the largest prefill buffer; don't hold two
+    h = h + linear(F.relu(linear(x, w["fc1"], w["fc1_bias"]), inplace=True), w["fc2"], w["fc2_bias"])
     if not pre:
         h = layer_norm(h, w["mlp_norm"], w["mlp_norm_bias"], cfg.norm_eps)
     return h

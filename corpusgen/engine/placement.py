@@ -34,6 +34,19 @@ def compressible(unit: str, name: str, t: torch.Tensor) -> bool:
     return unit.startswith("layer.") and t.dim() == 2
 
 
+def _quantize_rows(t: torch.Tensor, bits: int, group_size: int, chunk: int = 1 << 24) -> cq.Packed:
+    """Quantise an (out, in) weight in row chunks (groups run along ``in``, so chunks are
+    independent): bounds the fp32 temporaries — a whole OPT-175B fc1 needed 2.25 GiB more."""
+    rows = max(1, chunk // t.shape[1])
+    if t.shape[0] <= rows:
+        return cq.quantize(t, bits, group_size, axis=-1)
+    parts = [cq.quantize(t[i:i + rows], bits, group_size, axis=-1) for i in range(0, t.shape[0], rows)]
+    cat = lambda bufs: torch.cat(bufs, dim=0)  # noqa: E731
+    return cq.Packed(data=cat([p.data for p in parts]), mins=cat([p.mins for p in parts]),
+                     scales=cat([p.scales for p in parts]), shape=tuple(t.shape), dtype=t.dtype, bits=bits,
+                     group_size=group_size, axis=1)
+
+
 class WeightStore:
     """Holds every unit on its tier; ``prefetch(j)`` starts bringing unit j to the device and
     ``get(j)`` returns it ready for compute (the family's weight dict)."""
@@ -86,7 +99,7 @@ class WeightStore:
                 record[name] = shared[id(t)]
                 continue
             if comp is not None and compressible(unit, name, t):
-                p = cq.quantize(t.to(self.dtype), comp.bits, comp.group_size, axis=-1)
+                p = _quantize_rows(t.to(self.dtype), comp.bits, comp.group_size)
                 meta[name] = (p.shape, p.dtype, p.bits, p.group_size, p.axis)
                 for part, buf in zip(_PARTS, p.buffers):
                     record[f"{name}.{part}"] = self._place(buf, tier)
