@@ -125,8 +125,8 @@ class Engine:
                 yield Result(key=r.key, token_ids=[], text="", finish_reason="error", prompt_tokens=n, error=why)
             else:
                 ok.append(r)
-        for i in range(0, len(ok), self.block_size):
-            yield from self.block.run_block(ok[i:i + self.block_size], sampling, logits_hook)
+        if ok:
+            yield from self.block.run(ok, sampling, logits_hook)
         self._update_peaks()
 
     def _update_peaks(self) -> None:

@@ -13,8 +13,13 @@ A *block* is ``gpu_batch_size × num_gpu_batches`` rows. The model is a list of 
                 compute(j, k)
                 store_cache(j, k)                          # new K/V back to its tier, asynchronously
 
-``_next(j, k)`` is the one helper that wraps indices around (last batch → next layer, last layer →
-first unit of the next step), so the loop body has no edge cases.
+Wrap-around is one expression: unit ``(j + 1) % n_units`` is prefetched, so the head's turn
+prefetches the next step's embedding and the loop body has no edge cases.
+
+Refill (``policy.refill``): every GPU batch keeps its own column, so when finished rows have been
+compacted out and a whole batch of slots is free, waiting rows join as a new GPU batch whose
+prefill runs inside the next token step — the same weight load serves the batches that decode
+and the one that prefills. Without refill the block runs FlexGen's way, to its longest row.
 
 What overlaps with what (CUDA): three streams. *compute* runs the math. *load* carries
 host→GPU copies (next layer's weights, next batch's KV and activations); disk reads run on an
@@ -33,6 +38,7 @@ clones, and the disk tier still prefetches on its I/O pool, so CI exercises the 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -63,6 +69,8 @@ class _Batch:
     no_pad: bool = False  # every prompt has the same length: no mask needed
     logits: torch.Tensor | None = None  # (b, vocab) fp32 after the head
     stored: object = None  # CUDA event of the last store of this batch (None on CPU)
+    ids_width: int = 0  # prompt width (columns) of this batch
+    col: int = 0  # column of this batch's next input (0: the prompt, not yet prefilled)
 
 
 class _Streams:
@@ -112,44 +120,97 @@ class BlockEngine:
         self.scale = cfg.head_dim ** -0.5
 
     # ------------------------------------------------------------------ the block
-    def run_block(self, requests: Sequence[Request], sampling: SamplingSettings, logits_hook=None) -> Iterator[Result]:
+    def run(self, requests: Sequence[Request], sampling: SamplingSettings, logits_hook=None) -> Iterator[Result]:
+        """Generate for ``requests``; yield each row's Result in the token step it finishes.
+
+        The block holds at most ``block_size`` rows in GPU batches of ``gpu_batch_size``. With
+        ``policy.refill`` a block never drains: finished rows are compacted out of their batch
+        and, once a whole GPU batch of slots is free, a new batch of waiting rows joins; its
+        prefill runs inside the next token step's layer loop, sharing that step's weight loads
+        with the batches that decode. Each GPU batch keeps its own column (left padding aligns
+        its rows), so batches at different depths coexist. Without refill, rows run in fixed
+        blocks, FlexGen's way: the block ends when its last row ends.
+        """
         p = self.policy
-        width = max(len(r.prompt_ids) for r in requests)  # one prompt width for the whole block
-        batches = [self._make_batch(requests[i:i + p.gpu_batch_size], sampling, width)
-                   for i in range(0, len(requests), p.gpu_batch_size)]
-        prompt_len = batches[0].ids.shape[1]
-        gen = sampling.max_new_tokens
-        total = prompt_len + gen
-        for b in batches:
-            b.kv = [self._alloc_kv(j, len(b.rows), total) for j in range(self.cfg.num_layers)]
+        queue = deque(requests)
+        batches: list[_Batch] = []
         n_units = self.cfg.num_layers + 2
-        t0 = time.perf_counter()
-        for step in range(gen):
-            col = 0 if step == 0 else prompt_len + step - 1  # first column computed at this step
+        while queue or batches:
+            self._admit(queue, batches, sampling)
+            t0 = time.perf_counter()
+            prefill_only = all(b.col == 0 for b in batches)
             self.store.prefetch(0)
             for j in range(n_units):
                 w = self.store.get(j)
                 self.store.prefetch((j + 1) % n_units)  # wrap-around: last unit prefetches the embed
-                pending = self._load_cache(j, batches[0], col)
+                pending = self._load_cache(j, batches[0], batches[0].col)
                 for k, b in enumerate(batches):
-                    nxt = self._load_cache(j, batches[k + 1], col) if k + 1 < len(batches) else None
-                    self._compute(j, w, b, col, pending)
+                    nb = batches[k + 1] if k + 1 < len(batches) else None
+                    nxt = self._load_cache(j, nb, nb.col) if nb is not None else None
+                    self._compute(j, w, b, b.col, pending)
                     pending = nxt
                 w = None  # drop this layer's (dequantised) weights before the next get()
                 self.store.release(j)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
-            now = time.perf_counter()
-            if step == 0:
-                self.stats.prefill_seconds += now - t0
-                self.stats.prompt_tokens += sum(len(r.prompt_ids) for b in batches for r in b.rows)
+            dt = time.perf_counter() - t0
+            if prefill_only:
+                self.stats.prefill_seconds += dt
             else:
-                self.stats.decode_seconds += now - t0
-            t0 = now
-            finished = self._sample(batches, sampling, logits_hook, last=step == gen - 1)
-            yield from finished
-            if all(f is not None for b in batches for f in b.finish):
+                self.stats.decode_seconds += dt
+            yield from self._sample(batches, sampling, logits_hook, last=False)
+            for b in batches:
+                b.col = b.ids_width if b.col == 0 else b.col + 1
+            batches[:] = [b for b in batches if any(f is None for f in b.finish)]
+            if p.refill:
+                for b in batches:
+                    if sum(f is not None for f in b.finish) * 4 >= len(b.rows):  # compact at ≥ 25 % finished
+                        self._compact(b)
+
+    run_block = run
+
+    def _admit(self, queue: deque, batches: list[_Batch], sampling: SamplingSettings) -> None:
+        """Form new GPU batches from waiting rows while the block has room for a whole batch
+        (without refill: only when the block is empty, then as many batches as fit)."""
+        p = self.policy
+        if not p.refill and batches:
+            return
+        active = sum(sum(f is None for f in b.finish) for b in batches)
+        width = None
+        while queue and len(batches) < 2 * p.num_gpu_batches:
+            take = min(p.gpu_batch_size, len(queue))
+            if active + take > p.block_size:
                 break
+            rows = [queue.popleft() for _ in range(take)]
+            if width is None or not p.refill:  # a block admitted at once shares one width (fixed columns)
+                width = max(len(r.prompt_ids) for r in rows) if p.refill else max(
+                    len(r.prompt_ids) for r in [*rows, *list(queue)[:p.block_size - active - take]])
+            b = self._make_batch(rows, sampling, max(width, max(len(r.prompt_ids) for r in rows)))
+            b.kv = [self._alloc_kv(j, len(rows), b.ids_width + sampling.max_new_tokens)
+                    for j in range(self.cfg.num_layers)]
+            self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
+            batches.append(b)
+            active += take
+            if p.refill:
+                width = None
+
+    def _compact(self, b: _Batch) -> None:
+        """Drop finished rows from batch ``b``: their KV, padding, tokens and generators."""
+        keep = [i for i, f in enumerate(b.finish) if f is None]
+        if len(keep) == len(b.rows):
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        for layer, (kc, vc) in enumerate(b.kv):
+            dim = 1 if self.kv_tier[layer] == "cpu" and self.host_seq_major else 0
+            b.kv[layer] = (_select(kc, dim, idx), _select(vc, dim, idx))
+        b.rows = [b.rows[i] for i in keep]
+        b.tokens = [b.tokens[i] for i in keep]
+        b.finish = [None] * len(keep)
+        b.gens = [b.gens[i] for i in keep] if b.gens is not None else None
+        b.pad_cpu = b.pad_cpu[idx]
+        b.pad = b.pad[idx.to(b.pad.device)]
+        b.ids = b.ids[idx.to(b.ids.device)]
+        b.no_pad = bool((b.pad_cpu == 0).all())
 
     # ------------------------------------------------------------------ steps
     def _make_batch(self, rows: Sequence[Request], s: SamplingSettings, width: int) -> _Batch:
@@ -161,7 +222,8 @@ class BlockEngine:
         pad = torch.tensor([width - n for n in lens], dtype=torch.long)
         gens = [row_generator(s.seed, r.key) for r in rows] if s.temperature > 0 else None
         return _Batch(rows=list(rows), pad=pad.to(self.device), pad_cpu=pad, ids=ids.to(self.device),
-                      tokens=[[] for _ in rows], finish=[None] * len(rows), gens=gens, no_pad=min(lens) == width)
+                      tokens=[[] for _ in rows], finish=[None] * len(rows), gens=gens, no_pad=min(lens) == width,
+                      ids_width=width)
 
     def _alloc_kv(self, j: int, b: int, total: int):
         """K and V buffers of layer j for a batch of b rows. Layout by tier: on the GPU tier
@@ -332,6 +394,19 @@ class BlockEngine:
                     done.append(Result(key=r.key, token_ids=list(b.tokens[i]), text=text, finish_reason=b.finish[i],
                                        prompt_tokens=len(r.prompt_ids)))
         return done
+
+
+def _select(c, dim: int, idx: torch.Tensor):
+    """Rows ``idx`` along ``dim`` of a cache tensor or Packed (a copy, on the cache's device)."""
+    if isinstance(c, cq.Packed):
+        import dataclasses
+
+        shape = list(c.shape)
+        shape[dim] = len(idx)
+        pick = lambda t: t.index_select(dim, idx.to(t.device))  # noqa: E731
+        return dataclasses.replace(c, data=pick(c.data), mins=pick(c.mins), scales=pick(c.scales), shape=tuple(shape))
+    out = c.index_select(dim, idx.to(c.device))
+    return out.pin_memory() if c.device.type == "cpu" and c.is_pinned() else out
 
 
 def _handoff(tensors, user, owner) -> None:

@@ -63,6 +63,9 @@ class Policy:
     """Run decode attention on the CPU when the KV cache is on the CPU."""
     overlap: bool = True
     """Prefetch the next layer/batch on side streams while the current batch computes."""
+    refill: bool = True
+    """A finished row's slot takes a waiting row (new GPU batches join mid-block); off = FlexGen's
+    fixed blocks, where every row waits for the block's longest."""
     compress_weights: Compression | None = None
     """Quantise weights (stored, moved and cached compressed), or None."""
     compress_kv: Compression | None = None
@@ -84,6 +87,7 @@ class Policy:
             "activations": self.activations.as_dict(),
             "cpu_attention": self.cpu_attention,
             "overlap": self.overlap,
+            "refill": self.refill,
         }
         for name in ("compress_weights", "compress_kv"):
             c = getattr(self, name)
@@ -142,7 +146,7 @@ def policy_from_dict(data: Mapping[str, Any]) -> Policy:
     for key in ("weights", "kv_cache", "activations"):
         if key in data:
             kw[key] = _placement(key, data[key])
-    for key in ("cpu_attention", "overlap"):
+    for key in ("cpu_attention", "overlap", "refill"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise PolicyError(f"policy.{key}: expected true or false, got {data[key]!r}")
