@@ -16,6 +16,7 @@ Our engine is run a second time in bf16 (its default on CPUs with AVX512-BF16) u
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = sample_prompts(tok, args.rows, args.text_chars)
     lens = sorted(map(len, prompts))
     print(f"{len(prompts)} prompts of {lens[0]}..{lens[-1]} tokens (median {lens[len(lens) // 2]}), "
-          f"max_new_tokens {args.max_new_tokens}, batch {args.batch}, threads {torch.get_num_threads()}")
+          f"max_new_tokens {args.max_new_tokens}, batch {args.batch}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     policy = Policy(gpu_batch_size=args.batch, num_gpu_batches=args.num_gpu_batches)
     hf = hf_llama(cfg, dict(iter_units("default", cfg, dtype=torch.float32)), eos).to(DTYPES[args.dtype])
     systems = {f"transformers {args.dtype}": lambda p: run_hf(hf, p, args.max_new_tokens, args.batch,
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = ", ".join(f"{s:.2f}" for s in seconds[name])
         print(f"{name:<22} {tokens:>10} {med:>9.2f} {tps:>9.1f} {tps / hf_tps:>5.2f}x  "
               f"{'-' if name == ref_name else agreement(outputs[name], ref)}  (runs: {runs} s)")
+    print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     for eng in engines:
         eng.close()
 

@@ -135,7 +135,7 @@ def bench(names: list[str]) -> None:
         rec = json.loads(line[7:])
         print(f"{name}: total {rec['total_tps']} tok/s (prefill {rec['prefill_s']}s, decode {rec['decode_s']}s, "
               f"step {rec['decode_step_s']}s vs link {rec['decode_step_link_s']}s), peak gpu {rec['peak_gpu_gib']} GiB, "
-              f"pinned {rec['peak_pinned_gib']} GiB, wall {rec['wall_s']}s")
+              f"pinned {rec['peak_pinned_gib']} GiB, predicted {rec.get('predicted_tps')}, wall {rec['wall_s']}s")
 
 
 def trace(model: str = "opt-6.7b", n: int = 128, gen: int = 4) -> None:
@@ -167,3 +167,9 @@ if __name__ == "__main__":
         trace()
     elif what == "bench":
         bench(sys.argv[2:])
+    elif what == "bench-file":  # configurations from benchmarks/plan_validation.py
+        specs = json.loads(Path(sys.argv[2]).read_text())
+        names = [s["name"] for s in specs if not sys.argv[3:] or s["name"] in sys.argv[3:]]
+        for s in specs:
+            CONFIGS[s.pop("name")] = s
+        bench(names)

@@ -13,27 +13,33 @@ like any other row, with their status, in the next part.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import importlib.util
 import inspect
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from corpusgen.columns import describe as describe_columns
+from corpusgen.columns import typed_fields, typed_values
 from corpusgen.engine.api import Request, Result
-from corpusgen.errors import ModelError, ResumeMismatch
+from corpusgen.errors import CorpusgenError, LockedError, ModelError, ResumeMismatch
 from corpusgen.events import (Event, JobFinished, JobStarted, JobWarning, RateWindow, RowsCommitted,
                               RunSummary)
-from corpusgen.manifest import (PROGRESS, Manifest, OutputLock, clean_orphans, move_aside, now_iso,
-                                prepare_dir)
+from corpusgen.manifest import (LOCK, PROGRESS, Manifest, OutputLock, check_not_lost, clean_orphans, manifest_dirs,
+                                move_aside, now_iso, prepare_dir, rank_dirs, read_lock, verify_parts)
 from corpusgen.prompts import Prompt, PromptBuilder, check_columns, compile_template
-from corpusgen.readers import batch_records, open_input
-from corpusgen.spec import JobSpec, changed_fields, with_overrides
+from corpusgen.ranks import Ranks, StartGroup
+from corpusgen.readers import RowBatch, batch_records, open_input
+from corpusgen.spec import JobSpec, changed_fields, fingerprint_of, with_overrides
 from corpusgen.writer import OutputRow, output_schema, write_json_atomic, write_part
 
 FAKE_ENGINE_ENV = "CORPUSGEN_FAKE_ENGINE"
@@ -70,7 +76,8 @@ def _policy_with_compress(policy, compress: str):
     return policy.replace(compress_weights=Compression() if w else None, compress_kv=Compression() if kv else None)
 
 
-def _open_engine(spec: JobSpec, factory: Callable[..., Any], policy, dummy: bool, emit) -> Any:
+def _open_engine(spec: JobSpec, factory: Callable[..., Any], policy, dummy: bool, emit,
+                 prompt_len: int | None = None) -> Any:
     e = spec.engine
     kwargs: dict[str, Any] = dict(dummy=dummy, device=None if e.device == "auto" else e.device,
                                   dtype=None if e.dtype == "auto" else e.dtype, policy=policy,
@@ -85,6 +92,8 @@ def _open_engine(spec: JobSpec, factory: Callable[..., Any], policy, dummy: bool
                                     "ignored with policy auto"))
     if "gen_len" in inspect.signature(factory).parameters:
         kwargs["gen_len"] = spec.generation.max_new_tokens  # sizes the KV cache in the memory check
+    if prompt_len is not None and "prompt_len" in inspect.signature(factory).parameters:
+        kwargs["prompt_len"] = prompt_len  # the memory check uses what the planner planned for
     return factory(spec.model, **kwargs)
 
 
@@ -104,15 +113,22 @@ def _strip_fence(text: str) -> str:
 
 
 class _RowMaker:
-    """Engine results → output rows (status mapping, JSON parsing and schema validation)."""
+    """Engine results → output rows (status mapping, parsing and validation of the answer, typed
+    values). Never repairs: a cut answer is ``truncated``, an answer that does not validate is
+    ``schema_invalid``, and both keep the raw text."""
 
-    def __init__(self, schema: Any, run_id: str):
+    def __init__(self, schema: Any, run_id: str, *, regex: str | None = None, labels: Sequence[str] | None = None,
+                 typed: Sequence[Any] = (), grammar: Any = None):
         self.run_id = run_id
         self.validator = None
         if schema is not None:
             import jsonschema
 
             self.validator = jsonschema.validators.validator_for(schema)(schema)
+        self.labels = frozenset(labels) if labels else None  # an enum-only schema: the answer is a bare label
+        self.regex = _python_regex(regex)
+        self.typed = typed
+        self.grammar = grammar  # corpusgen.structured.Grammar when decoding is constrained
 
     def decided(self, p: Prompt) -> OutputRow:
         return OutputRow(key=p.key, status=p.status, error=p.error, prompt_tokens=p.prompt_tokens,
@@ -121,33 +137,92 @@ class _RowMaker:
     def from_result(self, r: Result, p: Prompt) -> OutputRow:
         base = dict(key=r.key, text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
                     gen_tokens=len(r.token_ids), prompt_cut=p.cut_tokens, run_id=self.run_id)
+        failed = self.grammar.pop_error(r.key) if self.grammar is not None else None
         if r.error is not None or r.finish_reason == "error":
             return OutputRow(status="error", error=r.error or "engine error", **base)
         if r.finish_reason == "length":
             # never repaired: a cut answer is reported as such, with or without a schema
             return OutputRow(status="truncated", **base)
+        why = f"constrained decoding failed ({failed}); " if failed else ""
+        if self.regex is not None and not self.regex.fullmatch(r.text):
+            return OutputRow(status="schema_invalid", error=f"{why}does not match output.regex", **base)
         if self.validator is None:
             return OutputRow(status="ok", **base)
         try:
-            value = json.loads(_strip_fence(r.text))
+            value = self._value(r.text)
         except ValueError as e:
-            return OutputRow(status="schema_invalid", error=f"not JSON: {e}", **base)
+            return OutputRow(status="schema_invalid", error=f"{why}not JSON: {e}", **base)
         err = next(iter(self.validator.iter_errors(value)), None)
         if err is not None:
             where = "/".join(str(x) for x in err.absolute_path) or "(root)"
-            return OutputRow(status="schema_invalid", error=f"{where}: {err.message}", **base)
-        return OutputRow(status="ok", json=json.dumps(value, ensure_ascii=False, separators=(",", ":")), **base)
+            return OutputRow(status="schema_invalid", error=f"{why}{where}: {err.message}", **base)
+        typed, problems = typed_values(value, self.typed)
+        return OutputRow(status="ok", json=json.dumps(value, ensure_ascii=False, separators=(",", ":")),
+                         typed=typed, error="; ".join(problems) or None, **base)
+
+    def _value(self, text: str) -> Any:
+        if self.labels is not None and text.strip() in self.labels:
+            return text.strip()
+        return json.loads(_strip_fence(text))
+
+
+def _python_regex(regex: str | None):
+    """``output.regex`` for re-checking answers; None when Python's ``re`` cannot read the pattern
+    (llguidance's Rust syntax is a little different: the constraint alone then guarantees it)."""
+    if regex is None:
+        return None
+    import re
+
+    try:
+        return re.compile(regex)
+    except re.error:
+        return None
+
+
+def _answer_format(spec: JobSpec):
+    """The constraint and typed columns of ``spec.output``, checked before the engine loads."""
+    if spec.output.schema is None and spec.output.regex is None:
+        return None, []
+    from corpusgen.structured import compile_constraint
+
+    return compile_constraint(spec.output.schema, spec.output.regex), typed_fields(spec.output.schema)
+
+
+def _grammar(constraint: Any, engine: Any, emit) -> Any:
+    """The constraint bound to the engine's tokenizer, or None (no constraint, or a tokenizer that
+    cannot constrain: then answers are only validated, and a warning says so)."""
+    if constraint is None:
+        return None
+    for note in constraint.notes:
+        emit(JobWarning(message=f"output.schema: constrained decoding is looser than the schema ({note}); "
+                                "answers are still validated, rows that break it are schema_invalid"))
+    tok = engine.tokenizer
+    eos = tuple(getattr(tok, "eos_token_ids", ()) or ()) or tuple(getattr(engine.config, "eos_token_ids", ()) or ())
+    if getattr(tok, "hf", None) is None or not eos:
+        emit(JobWarning(message=f"{getattr(tok, 'name', type(tok).__name__)}: this tokenizer cannot drive "
+                                "constrained decoding; answers are validated only"))
+        return None
+    from corpusgen.structured import Grammar
+
+    return Grammar(constraint, tok, eos_ids=eos)
 
 
 def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str | Path | None = None,
             limit: int | None = None, restart: bool = False, policy: Any = None, dummy: bool = False,
             engine_factory: Callable[..., Any] | None = None, on_event: Callable[[Event], None] | None = None,
             commit_rows: int | None = None, commit_seconds: float = 30.0, window_blocks: int = 8,
-            predicted_tps: float | None = None) -> RunSummary:
+            predicted_tps: float | None = None, plan_auto: bool | None = None,
+            ranks: Ranks | None = None) -> RunSummary:
     """Run (or resume) ``spec`` into its output directory; return what this run did.
 
     ``policy`` (a Policy) overrides the spec's ``engine.policy``; ``engine_factory`` has the
     signature of corpusgen.engine.load.open_engine (default: :func:`default_engine_factory`).
+    With policy ``auto``, ``plan_auto`` (default: when the real engine is used) plans the policy
+    with corpusgen.planning.plan_run and records its predicted throughput (unless
+    ``predicted_tps`` is given); otherwise the engine factory gets ``policy=None``.
+    ``ranks`` (default: from torchrun's environment) makes this process one rank of a data-parallel
+    launch: it generates only the rows whose key hashes to it, in ``DIR/rank-<r>-of-<w>``
+    (corpusgen.ranks).
     Raises a CorpusgenError for anything the user can fix; re-raises KeyboardInterrupt after
     recording the interrupted run.
     """
@@ -164,78 +239,232 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
     reader.select(list(spec.input.columns) or sorted(variables))
     if policy is None:
         policy = spec.engine.resolve_policy()
+    if plan_auto is None:
+        plan_auto = engine_factory is None and not os.environ.get(FAKE_ENGINE_ENV)
+    plan_auto = plan_auto and policy is None
     fields = {**spec.fingerprint_fields(), "weights": "dummy" if dummy else "real"}
     fingerprint = spec.fingerprint(weights=fields["weights"])
+    constraint, typed = _answer_format(spec)
+    if typed:  # the typed columns are fixed for the job's life: a resume under others is refused
+        fields["columns"] = describe_columns(typed)
+        fingerprint = fingerprint_of(fields)
 
-    prepare_dir(out)
-    with OutputLock(out), _signals_as_interrupt():
-        moved = None
-        if restart and any(p.name != "lock" for p in out.iterdir()):
-            moved = move_aside(out)
-        manifest = Manifest(out)
+    ranks = ranks or Ranks.from_env()
+    ranks.select_gpu(spec.engine.device)  # several ranks on a machine: each on its GPU, cuda:LOCAL_RANK
+    here = ranks.directory(out)  # where this process writes: DIR, or DIR/rank-<r>-of-<w>
+    if here != out and spec.engine.offload_dir:  # ranks of a machine must not share the disk tier's files
+        spec = dataclasses.replace(spec, engine=dataclasses.replace(
+            spec.engine, offload_dir=str(Path(spec.engine.offload_dir) / here.name)))
+    if ranks.local_world > 1 and ranks.local_rank == 0 and spec.engine.cpu_memory is None:
+        emit(JobWarning(message=f"{ranks.local_world} ranks share this machine's memory and engine.cpu_memory "
+                                "is unset (each rank assumes most of it); set it to at most 1/"
+                                f"{ranks.local_world} of the host's memory"))
+
+    with StartGroup(ranks) as group, _signals_as_interrupt(), contextlib.ExitStack() as locks:
+        def prepare() -> tuple[str | None, list[str]]:
+            prepare_dir(out)
+            locks.enter_context(OutputLock(out))  # rank 0 (or the single process) holds DIR's lock to the end
+            return _prepare_output(out, ranks, restart=restart, fingerprint=fingerprint, fields=fields, spec=spec)
+
+        moved, removed = group.leader_first(prepare)
+        if here != out:
+            prepare_dir(here)
+            locks.enter_context(OutputLock(here))
+        manifest = Manifest(here)
+        others = _other_launches(out, ranks)
         engine = None
         try:
+            missing = verify_parts(here, manifest)  # a damaged part is refused; a missing one is generated again
             job = manifest.job()
-            if job is not None and job["fingerprint"] != fingerprint and not manifest.parts():
-                job = None  # nothing was committed under the old spec: nothing to mix, start afresh
-            if job is not None and job["fingerprint"] != fingerprint:
-                changed = changed_fields(job["fields"], fields) or ["(fingerprint)"]
-                raise ResumeMismatch(
-                    f"{out} holds outputs of a different job (changed: {', '.join(changed)}); "
-                    "run with --restart to move them aside and start over, or choose another --output")
-            if job is None:
+            if job is None or job["fingerprint"] != fingerprint:  # DIR's record was checked by rank 0
                 manifest.set_job(fingerprint, fields, spec.to_dict())
-            for name in clean_orphans(out, manifest):
+            for name in [*removed, *clean_orphans(here, manifest)]:
                 emit(JobWarning(message=f"removed {name}: written by a run that stopped before committing it"))
+            manifest.forget_parts(missing)
+            for name in missing:
+                emit(JobWarning(message=f"committed part {name} is missing: its rows will be generated again"))
+            plan = None
+            if plan_auto:
+                from corpusgen.planning import plan_run
+
+                plan = plan_run(spec, dummy=dummy, rows=reader.total_rows)
+                policy = plan.policy
+                predicted_tps = predicted_tps if predicted_tps is not None else plan.predicted_tps
             t_load = time.perf_counter()
             factory = engine_factory or default_engine_factory()
-            engine = _open_engine(spec, factory, policy, dummy, emit)
+            engine = _open_engine(spec, factory, policy, dummy, emit, prompt_len=plan and plan.prompt_len)
             load_seconds = time.perf_counter() - t_load
             tok = engine.tokenizer.fingerprint()
-            if job is not None and job.get("tokenizer") not in (None, tok):
-                raise ResumeMismatch(f"{out} was written with a different tokenizer ({job['tokenizer'][:12]}… "
-                                     f"now {tok[:12]}…); run with --restart, or choose another --output")
+            for m in (manifest, *others):
+                j = m.job()
+                if j is not None and j["fingerprint"] == fingerprint and j.get("tokenizer") not in (None, tok):
+                    raise ResumeMismatch(f"{out} was written with a different tokenizer ({j['tokenizer'][:12]}… "
+                                         f"now {tok[:12]}…); run with --restart, or choose another --output")
             manifest.set_tokenizer(tok)
-            run = _Run(spec=spec, out=out, manifest=manifest, engine=engine, reader=reader, emit=emit,
-                       commit_rows=commit_rows, commit_seconds=commit_seconds, window_blocks=window_blocks)
+            run = _Run(spec=spec, out=here, manifest=manifest, engine=engine, reader=reader, emit=emit,
+                       commit_rows=commit_rows, commit_seconds=commit_seconds, window_blocks=window_blocks,
+                       job_dir=out, others=others, ranks=ranks, constraint=constraint, typed=typed)
             describe = engine.describe() if hasattr(engine, "describe") else {"model": spec.model}
+            if plan is not None:
+                describe = {**describe, "plan": plan.summary()}
             manifest.start_run(run.run_id, engine=describe, input=dataclasses.asdict(spec.input),
                                predicted_tps=predicted_tps, load_seconds=load_seconds)
-            emit(JobStarted(run_id=run.run_id, output_dir=str(out), fingerprint=fingerprint,
-                            resumed=run.done_before > 0, rows_done=run.done_before,
+            emit(JobStarted(run_id=run.run_id, output_dir=str(here), fingerprint=fingerprint,
+                            resumed=run.resumed, rows_done=run.done_before,
                             rows_total=reader.total_rows, block_size=run.block_size, engine=describe,
                             load_seconds=load_seconds, moved_to=None if moved is None else str(moved)))
             return run.execute(started, load_seconds)
         finally:
-            manifest.close()
+            for m in (manifest, *others):
+                m.close()
             if engine is not None and hasattr(engine, "close"):
                 engine.close()
 
 
+def _is_oom(e: BaseException) -> bool:
+    """A failed CUDA or host allocation: torch.OutOfMemoryError, MemoryError, "... out of memory"."""
+    if isinstance(e, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom is not None and isinstance(e, oom):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def _free_memory() -> None:
+    """Give memory back after an out-of-memory error, before the smaller retry."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _prepare_output(out: Path, ranks: Ranks, *, restart: bool, fingerprint: str, fields: dict[str, Any],
+                    spec: JobSpec) -> tuple[str | None, list[str]]:
+    """Rank 0 (or the single process), holding DIR's lock: refuse a directory that another launch
+    is writing, move it aside with --restart, check or record the job in DIR's manifest, and tidy
+    the directories of launches of another world size. Returns (moved to, files removed)."""
+    for d, _, world in rank_dirs(out):
+        holder = read_lock(d) or {}
+        if holder.get("alive"):
+            raise LockedError(f"{d} is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                              f"(a launch of {world} ranks); wait for it or stop it, or use another --output")
+    moved = None
+    if restart and any(p.name != LOCK for p in out.iterdir()):
+        moved = str(move_aside(out))
+    top = Manifest(out)
+    try:
+        check_not_lost(out, top)
+        job = top.job()
+        if job is not None and job["fingerprint"] != fingerprint and not _any_parts(out):
+            job = None  # nothing was committed under the old spec: nothing to mix, start afresh
+        if job is not None and job["fingerprint"] != fingerprint:
+            changed = changed_fields(job["fields"], fields) or ["(fingerprint)"]
+            raise ResumeMismatch(
+                f"{out} holds outputs of a different job (changed: {', '.join(changed)}); "
+                "run with --restart to move them aside and start over, or choose another --output")
+        if job is None:
+            top.set_job(fingerprint, fields, spec.to_dict())
+    finally:
+        top.close()
+    removed = []
+    for d, _, world in manifest_dirs(out):
+        if world != ranks.world:  # opened for writing: a killed rank's WAL is folded in, readers see one file
+            m = Manifest(d)
+            try:
+                removed += [f"{d.name}/{name}" for name in clean_orphans(d, m)]
+            finally:
+                m.close()
+    return moved, removed
+
+
+def _other_launches(out: Path, ranks: Ranks) -> list[Manifest]:
+    """Read-only manifests, with committed parts, of launches of another world size: they may hold
+    keys of this rank, which it then skips (any relaunch resumes, whatever its world size)."""
+    found = []
+    for d, _, world in manifest_dirs(out):
+        if world != ranks.world:
+            m = Manifest(d, readonly=True)
+            if m.parts():
+                found.append(m)
+            else:
+                m.close()
+    return found
+
+
+def _any_parts(out: Path) -> bool:
+    for d, _, _ in manifest_dirs(out):
+        m = Manifest(d, readonly=True)
+        try:
+            if m.parts():
+                return True
+        finally:
+            m.close()
+    return False
+
+
+def _owned(batch: RowBatch, ranks: Ranks) -> RowBatch:
+    """The rows of ``batch`` whose key hashes to this rank."""
+    keep = [i for i, k in enumerate(batch.keys) if ranks.owns(k)]
+    if len(keep) == len(batch.keys):
+        return batch
+    return RowBatch(keys=[batch.keys[i] for i in keep], rows=batch.rows.take(keep),
+                    problems=[batch.problems[i] for i in keep])
+
+
 class _signals_as_interrupt:
-    """SIGTERM raises KeyboardInterrupt in the main thread while a job runs (Ctrl-C already does)."""
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while a job runs — but not
+    inside a commit (:func:`_uninterrupted`), which finishes first: a stop never leaves half of one."""
+
+    deferring = False
+    pending: int | None = None
 
     def __enter__(self):
-        self.old = None
+        self.old: dict[int, Any] = {}
+        type(self).pending = None
         if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGTERM, self._raise)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup'ed: stay deaf to it
+                    self.old[sig] = signal.signal(sig, self._raise)
         return self
 
-    @staticmethod
-    def _raise(signum, frame):
+    @classmethod
+    def _raise(cls, signum, frame):
+        if cls.deferring:
+            cls.pending = signum
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """A stop signal arriving inside this block is raised (as KeyboardInterrupt) at its end."""
+    flags = _signals_as_interrupt
+    outer, flags.deferring = flags.deferring, True
+    try:
+        yield
+    finally:
+        flags.deferring = outer
+    if not outer and flags.pending is not None:
+        signum, flags.pending = flags.pending, None
+        raise KeyboardInterrupt(f"signal {signum}")
 
 
 class _Run:
     """State of one run: buffers, counters, timing."""
 
     def __init__(self, *, spec: JobSpec, out: Path, manifest: Manifest, engine: Any, reader: Any, emit,
-                 commit_rows: int | None, commit_seconds: float, window_blocks: int):
+                 commit_rows: int | None, commit_seconds: float, window_blocks: int, job_dir: Path | None = None,
+                 others: Sequence[Manifest] = (), ranks: Ranks | None = None, constraint: Any = None,
+                 typed: Sequence[Any] = ()):
         self.spec, self.out, self.manifest, self.engine = spec, out, manifest, engine
+        self.job_dir = job_dir or out
+        self.others, self.ranks = others, ranks or Ranks()  # other launches' manifests; this process's rank
         self.reader, self.emit = reader, emit
         self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.block_size = _block_size(engine)
@@ -243,19 +472,28 @@ class _Run:
         self.commit_seconds = commit_seconds
         self.window_rows = self.block_size * max(1, window_blocks)
         self.sampling = spec.generation.sampling()
-        self.schema = output_schema(with_json=spec.output.schema is not None)
-        self.maker = _RowMaker(spec.output.schema, self.run_id)
+        self.schema = output_schema(with_json=spec.output.schema is not None, typed=typed)
+        self.grammar = _grammar(constraint, engine, emit)
+        self.maker = _RowMaker(spec.output.schema, self.run_id, regex=spec.output.regex, typed=typed,
+                               labels=constraint.labels if constraint is not None else None, grammar=self.grammar)
         self.builder = PromptBuilder(spec.prompt, engine.tokenizer, max_context=engine.max_context,
                                      max_new_tokens=spec.generation.max_new_tokens)
         totals = manifest.totals()
         self.done_before = totals["rows"]
         self.job_statuses: dict[str, int] = dict(totals["statuses"])
+        other_totals = [m.totals() for m in others]
+        self.resumed = self.done_before > 0 or any(t["rows"] for t in other_totals)
+        if self.ranks.world == 1:  # a single process owns every key, so every other launch's rows count
+            for t in other_totals:
+                self.done_before += t["rows"]
+                for k, v in t["statuses"].items():
+                    self.job_statuses[k] = self.job_statuses.get(k, 0) + v
         self.next_part = manifest.next_part_number()
         self.my_parts: set[str] = set()
         self.inflight: set[str] = set()  # keys read this run and not yet committed
         self.buffer: list[OutputRow] = []
         self.last_commit = time.monotonic()
-        self.rows = self.skipped = self.duplicates = self.gen_tokens = 0
+        self.rows = self.skipped = self.duplicates = self.gen_tokens = self.oom_splits = 0
         self.statuses: dict[str, int] = {}
         self.engine_seconds = 0.0
         self.rate = RateWindow()
@@ -287,21 +525,27 @@ class _Run:
         finally:
             seconds = time.perf_counter() - started
             overhead = time.perf_counter() - loop_start - self.engine_seconds
-            summary = RunSummary(run_id=self.run_id, status=status, output_dir=str(self.out), rows=self.rows,
+            summary = RunSummary(run_id=self.run_id, status=status, output_dir=str(self.job_dir), rows=self.rows,
                                  skipped=self.skipped, duplicates=self.duplicates, statuses=dict(self.statuses),
                                  gen_tokens=self.gen_tokens, seconds=seconds, load_seconds=load_seconds,
                                  engine_seconds=self.engine_seconds, overhead_seconds=max(overhead, 0.0))
-            self.manifest.end_run(self.run_id, status=status, rows=self.rows, gen_tokens=self.gen_tokens,
-                                  seconds=seconds, engine_seconds=self.engine_seconds,
-                                  overhead_seconds=summary.overhead_seconds)
-            self._progress(status)
+            try:
+                self.manifest.end_run(self.run_id, status=status, rows=self.rows, gen_tokens=self.gen_tokens,
+                                      seconds=seconds, engine_seconds=self.engine_seconds,
+                                      overhead_seconds=summary.overhead_seconds)
+                self._progress(status)
+            except CorpusgenError:
+                if status == "finished":
+                    raise  # otherwise (a full disk, say) the error that stopped the run is the one to report
             self.emit(JobFinished(summary=summary))
         return summary
 
     def _prompts(self) -> Iterator[Prompt]:
         """Rows not yet committed, as prompts (or decided rows), in input order."""
         for batch in self.reader.batches():
-            done = self.manifest.committed(batch.keys)
+            if self.ranks.world > 1:
+                batch = _owned(batch, self.ranks)
+            done = self._committed(batch.keys)
             records = batch_records(batch)
             for key, rec, problem in zip(batch.keys, records, batch.problems, strict=True):
                 part = done.get(key)
@@ -322,31 +566,78 @@ class _Run:
                 else:
                     yield self.builder.build(key, rec)
 
+    def _committed(self, keys: Sequence[str]) -> dict[str, str]:
+        """Keys committed in this process's manifest (→ part), or in another launch's (→ '<dir>/<part>')."""
+        done = self.manifest.committed(keys)
+        for m in self.others:
+            rest = [k for k in keys if k not in done]
+            if not rest:
+                break
+            done.update({k: f"{m.path.parent.name}/{part}" for k, part in m.committed(rest).items()})
+        return done
+
     def _generate(self, window: list[Prompt]) -> None:
         """Sort a window by prompt length (little padding per block), run it block by block."""
         window.sort(key=lambda p: len(p.ids))
+        if getattr(getattr(self.engine, "policy", None), "refill", False):
+            self._run_block(window)  # the engine keeps its block full from the whole window (refill)
+            return
         for i in range(0, len(window), self.block_size):
-            block = {p.key: p for p in window[i:i + self.block_size]}
-            requests = [Request(key=k, prompt_ids=p.ids) for k, p in block.items()]
-            results = self.engine.generate(requests, self.sampling)
-            try:
-                while True:
-                    t = time.perf_counter()
-                    try:
-                        r = next(results)
-                    except StopIteration:
-                        break
-                    finally:
-                        self.engine_seconds += time.perf_counter() - t
-                    prompt = block.pop(r.key, None)
-                    assert prompt is not None, f"engine returned an unknown or repeated key {r.key!r}"
-                    self._add(self.maker.from_result(r, prompt))
-            finally:
-                if hasattr(results, "close"):
-                    results.close()
+            self._run_block(window[i:i + self.block_size])
+
+    def _run_block(self, prompts: list[Prompt]) -> None:
+        """Generate one block. Out of memory (CUDA or host): the rows already yielded are kept, the
+        others run again as two half blocks, recursively; a row out of memory alone is an error row."""
+        block = {p.key: p for p in prompts}
+        oom = self._consume(block)
+        if oom is None:
             for key, prompt in block.items():  # never drop a row silently
                 self._add(OutputRow(key=key, status="error", error="the engine returned no result for this row",
                                     prompt_tokens=prompt.prompt_tokens, run_id=self.run_id))
+            return
+        _free_memory()
+        rest = list(block.values())
+        if len(prompts) == 1:
+            p = rest[0]
+            self._add(OutputRow(key=p.key, status="error", finish_reason="error", prompt_tokens=p.prompt_tokens,
+                                error=f"out of memory even in a block of its own: {oom}", run_id=self.run_id))
+            return
+        half = (len(rest) + 1) // 2
+        self.oom_splits += 1
+        if self.oom_splits <= _MAX_DUP_WARNINGS:
+            self.emit(JobWarning(message=f"out of memory in a block of {len(prompts)} rows ({oom}); "
+                                         f"running its {len(rest)} unfinished rows again in blocks of {half}"))
+        for part in (rest[:half], rest[half:]):
+            if part:
+                self._run_block(part)
+
+    def _consume(self, block: dict[str, Prompt]) -> str | None:
+        """Run ``block`` through the engine, adding (and popping) each row as it finishes; None, or
+        the message of the out-of-memory error that stopped the engine."""
+        requests = [Request(key=k, prompt_ids=p.ids) for k, p in block.items()]
+        results = None
+        try:
+            while True:
+                t = time.perf_counter()
+                try:
+                    if results is None:
+                        hook = self.grammar.hook(self.sampling.max_new_tokens) if self.grammar else None
+                        results = iter(self.engine.generate(requests, self.sampling, logits_hook=hook))
+                    r = next(results)
+                except StopIteration:
+                    return None
+                except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
+                    if not _is_oom(e):
+                        raise
+                    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                finally:
+                    self.engine_seconds += time.perf_counter() - t
+                prompt = block.pop(r.key, None)
+                assert prompt is not None, f"engine returned an unknown or repeated key {r.key!r}"
+                self._add(self.maker.from_result(r, prompt))
+        finally:
+            if hasattr(results, "close"):
+                results.close()
 
     # --- commits -------------------------------------------------------------------------------
     def _add(self, row: OutputRow) -> None:
@@ -356,8 +647,9 @@ class _Run:
 
     def _commit(self) -> None:
         rows, self.buffer = self.buffer, []
-        info = write_part(self.out, self.next_part, rows, self.schema)
-        self.manifest.commit_part(info, [r.key for r in rows], self.run_id)
+        with _uninterrupted():  # Ctrl-C or SIGTERM here takes effect once the part is committed
+            info = write_part(self.out, self.next_part, rows, self.schema)
+            self.manifest.commit_part(info, [r.key for r in rows], self.run_id)
         self.next_part += 1
         self.my_parts.add(info.name)
         self.last_commit = time.monotonic()
@@ -378,12 +670,15 @@ class _Run:
         rows_per_s, tokens_per_s = self.rate.rates()
         done = self.done_before + self.rows
         total = self.reader.total_rows
+        world = self.ranks.world
+        share = total if total is None or world == 1 else total / world  # a rank's share is known only at the end
         eta = None
-        if total is not None and rows_per_s > 0:
-            eta = max(total - done - self.duplicates, 0) / rows_per_s
+        if share is not None and rows_per_s > 0:
+            eta = max(share - done - self.duplicates, 0) / rows_per_s
         data = {
             "state": state, "run_id": self.run_id, "pid": os.getpid(), "started": self.started_iso,
-            "updated": now_iso(), "rows_done": done, "rows_total": total, "rows_this_run": self.rows,
+            "updated": now_iso(), "rows_done": done, "rows_total": total if world == 1 else None,
+            "input_rows": total, "rank": self.ranks.rank, "world": world, "rows_this_run": self.rows,
             "skipped": self.skipped, "duplicates": self.duplicates, "gen_tokens": self.gen_tokens,
             "tokens_per_s": round(tokens_per_s, 3), "rows_per_s": round(rows_per_s, 3),
             "eta_s": None if eta is None else round(eta, 1), "statuses": dict(self.job_statuses),
@@ -403,9 +698,13 @@ def read_progress(out_dir: str | Path) -> dict[str, Any] | None:
 
 
 def committed_parts(out_dir: str | Path) -> Sequence[str]:
-    """Paths of the committed parts of an output directory, in order."""
-    m = Manifest(Path(out_dir), readonly=True)
-    try:
-        return [str(Path(out_dir) / p["name"]) for p in m.parts()]
-    finally:
-        m.close()
+    """Paths of the committed parts of an output directory (every rank's, for a data-parallel job)."""
+    paths = []
+    Manifest(Path(out_dir), readonly=True).close()  # a clear error when DIR is not an output directory
+    for d, _, _ in manifest_dirs(Path(out_dir)):
+        m = Manifest(d, readonly=True)
+        try:
+            paths += [str(d / p["name"]) for p in m.parts()]
+        finally:
+            m.close()
+    return paths

@@ -1,0 +1,96 @@
+"""Rows/s on a corpus of varied lengths with each "no wasted tokens" mechanism switched on in turn.
+
+    python benchmarks/no_waste.py [--rows 96] [--max-new-tokens 96] [--device cpu] [--model smollm2-135m-instruct]
+
+Prompts are the summarisation prompt of jobs/summarize.yaml over benchmarks/data/varied.parquet
+(made by benchmarks/make_varied_corpus.py when missing), in the model's chat template, cut to
+--max-prompt tokens. Configurations, each on the same rows in one process:
+
+  plain       FlexGen's way: rows in input order, fixed blocks, every row waits for the block's longest
+  +bucket     rows sorted by prompt length within windows of 8 blocks (little padding per block)
+  +refill     + early exit and refill: finished rows leave, waiting rows join mid-block
+
+Greedy outputs of every configuration are compared with `plain` (they must be identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-prompt", type=int, default=384)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--num-gpu-batches", type=int, default=2)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--only", default="plain,+bucket,+refill")
+    args = ap.parse_args()
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import open_engine
+    from corpusgen.policy.policy import Policy
+
+    data = ROOT / "benchmarks" / "data" / "varied.parquet"
+    if not data.exists():
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_varied_corpus.py"), str(data)], check=True)
+    rows = pq.read_table(data).slice(0, args.rows).to_pylist()
+    results = {}
+    base_policy = Policy(gpu_batch_size=args.batch, num_gpu_batches=args.num_gpu_batches)
+    eng = open_engine(args.model, device=args.device, dtype=args.dtype, policy=base_policy)
+    tok = eng.tokenizer
+    reqs = []
+    for r in rows:
+        ids = tok.encode(r["text"], add_special_tokens=False)[: args.max_prompt]
+        text = tok.decode(ids)
+        prompt = tok.chat_prompt("You summarise documents in one sentence.",
+                                 f"Title: {r['title']}\n\n{text}\n\nSummarise this document in one sentence.")
+        reqs.append(Request(key=r["id"], prompt_ids=prompt))
+    s = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    window = args.batch * args.num_gpu_batches * 8
+    configs = {
+        "plain": (reqs, False),
+        "+bucket": ([q for i in range(0, len(reqs), window)
+                     for q in sorted(reqs[i:i + window], key=lambda q: len(q.prompt_ids))], False),
+        "+refill": ([q for i in range(0, len(reqs), window)
+                     for q in sorted(reqs[i:i + window], key=lambda q: len(q.prompt_ids))], True),
+    }
+    outputs = {}
+    for name in args.only.split(","):
+        order, refill = configs[name]
+        pol = base_policy.replace(refill=refill)
+        eng.policy = pol
+        eng.block.policy = pol
+        eng.block.stats.__init__()
+        t0 = time.perf_counter()
+        out = {r.key: r.token_ids for r in eng.generate(order, s)}
+        dt = time.perf_counter() - t0
+        outputs[name] = out
+        gen = sum(len(v) for v in out.values())
+        results[name] = {"rows_per_s": round(len(out) / dt, 3), "gen_tokens_per_s": round(gen / dt, 2),
+                         "seconds": round(dt, 2), "gen_tokens": gen,
+                         "identical_to_plain": out == outputs.get("plain", out)}
+        print(name, json.dumps(results[name]), flush=True)
+    lens = sorted(len(v) for v in outputs[next(iter(outputs))].values())
+    print(json.dumps({"rows": len(reqs), "device": str(eng.device), "dtype": str(eng.dtype),
+                      "prompt_tokens_median": sorted(len(q.prompt_ids) for q in reqs)[len(reqs) // 2],
+                      "answer_tokens_median": lens[len(lens) // 2], "answer_tokens_max": lens[-1],
+                      "threads": torch.get_num_threads(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
