@@ -330,11 +330,12 @@ class BlockEngine:
             attn = L.attend(qh.to(dt), ks, vs, mask, self.scale)
             attn = attn.to(self.dtype).to(self.device, non_blocking=True)
         elif on_cpu:
+            kq, vq = self._as_stored(k), self._as_stored(v)  # attend to what the cache will hold
             if col == 0:
-                ks, vs = k, v
+                ks, vs = kq, vq
             else:  # the prefetched prefix (b, KV, col, hd) plus this step's token
-                ks = torch.cat([loaded_kv[0].permute(1, 2, 0, 3), k], dim=2)
-                vs = torch.cat([loaded_kv[1].permute(1, 2, 0, 3), v], dim=2)
+                ks = torch.cat([loaded_kv[0].permute(1, 2, 0, 3), kq], dim=2)
+                vs = torch.cat([loaded_kv[1].permute(1, 2, 0, 3), vq], dim=2)
             attn = self._attend(q, ks, vs, b, col, q_len, end)
             ev = s.event(s.compute)
             s.wait(s.store, ev)
@@ -352,6 +353,14 @@ class BlockEngine:
                 ks, vs = self._kv_view(layer, kc, end), self._kv_view(layer, vc, end)
             attn = self._attend(q, ks, vs, b, col, q_len, end)
         return self.fam.post_attention(cfg, w, h, attn)
+
+    def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the KV cache stores it: quantised and back when the cache is compressed, so
+        every placement attends to the same numbers."""
+        c = self.policy.compress_kv
+        if c is None:
+            return x
+        return cq.dequantize(cq.quantize(x, c.bits, c.group_size, axis=-1))
 
     def _attend(self, q, ks, vs, b: _Batch, col: int, q_len: int, end: int) -> torch.Tensor:
         if b.no_pad:  # no padding: causal prefill or unmasked decode, so fused kernels apply
