@@ -30,13 +30,18 @@ def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tens
     return F.embedding(ids, w["tokens"])
 
 
-def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torch.Tensor):
+def prepare(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """Per-step, per-batch values shared by every layer: the rotary cos/sin (b, s, hd)."""
+    return rope_cos_sin(_inv_freq(cfg), positions, dtype)
+
+
+def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torch.Tensor, aux=None):
     """hidden (b, s, hidden) -> q (b, heads, s, hd), k, v (b, kv_heads, s, hd)."""
     x = rms_norm(h, w["attn_norm"], cfg.norm_eps)
     q = split_heads(linear(x, w["q"], w.get("q_bias")), cfg.num_heads)
     k = split_heads(linear(x, w["k"], w.get("k_bias")), cfg.num_kv_heads)
     v = split_heads(linear(x, w["v"], w.get("v_bias")), cfg.num_kv_heads)
-    cos, sin = rope_cos_sin(_inv_freq(cfg), positions, q.dtype)
+    cos, sin = aux if aux is not None else prepare(cfg, positions, q.dtype)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 

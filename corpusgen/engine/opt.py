@@ -25,7 +25,12 @@ def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tens
     return x + F.embedding(positions + POSITION_OFFSET, w["positions"])
 
 
-def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torch.Tensor):
+def prepare(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """Nothing is shared across OPT layers (positions enter once, in the embedding)."""
+    return None
+
+
+def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torch.Tensor, aux=None):
     """hidden (b, s, hidden) -> q, k, v (b, heads, s, hd)."""
     x = layer_norm(h, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps) if cfg.do_layer_norm_before else h
     q = split_heads(linear(x, w["q"], w["q_bias"]), cfg.num_heads)

@@ -71,6 +71,9 @@ class _Batch:
     stored: object = None  # CUDA event of the last store of this batch (None on CPU)
     ids_width: int = 0  # prompt width (columns) of this batch
     col: int = 0  # column of this batch's next input (0: the prompt, not yet prefilled)
+    pos_col: int = -1  # column for which ``positions``/``aux`` were computed
+    positions: torch.Tensor | None = None  # (b, s) token positions of this step's inputs
+    aux: object = None  # the family's per-step values (Llama: rotary cos/sin)
 
 
 class _Streams:
@@ -211,6 +214,7 @@ class BlockEngine:
         b.pad = b.pad[idx.to(b.pad.device)]
         b.ids = b.ids[idx.to(b.ids.device)]
         b.no_pad = bool((b.pad_cpu == 0).all())
+        b.pos_col = -1
 
     # ------------------------------------------------------------------ steps
     def _make_batch(self, rows: Sequence[Request], s: SamplingSettings, width: int) -> _Batch:
@@ -295,7 +299,11 @@ class BlockEngine:
             _handoff([*(loaded_kv or ()), loaded_h], s.compute, s.load)
         h = loaded_h if loaded_h is not None else b.hidden
         q_len = b.ids.shape[1]
-        positions = L.positions_from_pad(b.pad, col, q_len)
+        if b.pos_col != col:  # positions and rotary tables: once per batch per step, not per layer
+            b.positions = L.positions_from_pad(b.pad, col, q_len)
+            b.aux = fam.prepare(cfg, b.positions, self.dtype)
+            b.pos_col = col
+        positions = b.positions
         if j == 0:
             h = fam.embed(cfg, w, b.ids, positions)
         elif j == cfg.num_layers + 1:
@@ -314,7 +322,7 @@ class BlockEngine:
 
     def _layer(self, layer: int, w, b: _Batch, h, positions, col: int, q_len: int, loaded_kv):
         cfg, s = self.cfg, self.streams
-        q, k, v = self.fam.pre_attention(cfg, w, h, positions)  # q (b, H, s, hd); k, v (b, KV, s, hd)
+        q, k, v = self.fam.pre_attention(cfg, w, h, positions, b.aux)  # q (b, H, s, hd); k, v (b, KV, s, hd)
         kc, vc = b.kv[layer]
         end = col + q_len
         on_cpu = self.kv_tier[layer] == "cpu"
