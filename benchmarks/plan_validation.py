@@ -1,6 +1,6 @@
 """Make the planner-validation configurations (run here, where cvxpy is) for benchmarks/gpu_suite.py.
 
-    python benchmarks/plan_validation.py [--profile policies/hardware-h200.yaml]
+    python benchmarks/plan_validation.py [--profile policies/hardware-nvidia-h200.yaml]
 
 For each (model, budgets, compression) below, the planner picks a policy and predicts its
 throughput; a small grid of hand-written policies is added for one case. Everything is written
@@ -42,7 +42,7 @@ GRID = [  # hand-written policies for opt-6.7b at 16 GiB, no compression
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", default="policies/hardware-h200.yaml")
+    ap.add_argument("--profile", default="policies/hardware-nvidia-h200.yaml")
     ap.add_argument("--out", default="benchmarks/plan_validation.json")
     args = ap.parse_args()
     hw = load_profile(args.profile)

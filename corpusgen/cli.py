@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -90,6 +91,7 @@ def cli() -> None:
 def run(job: str, input_path: str | None, table: str | None, query: str | None, limit: int | None,
         output: str | None, restart: bool, policy: str | None, device: str | None, dummy: bool) -> None:
     """Run JOB.yaml over its input; a second run on the same output directory resumes."""
+    from corpusgen.events import JobStarted
     from corpusgen.progress import Reporter, summary_line
     from corpusgen.runner import run_job
     from corpusgen.spec import load_spec, with_overrides
@@ -97,9 +99,16 @@ def run(job: str, input_path: str | None, table: str | None, query: str | None, 
     spec = with_overrides(load_spec(job), input=input_path, table=table, query=query, output=output,
                           device=device, policy=policy)
     console = _console()
-    reporter = Reporter(console, live=console.is_terminal)
+    # under torchrun every rank writes to the same terminal: log lines, not several progress bars
+    reporter = Reporter(console, live=console.is_terminal and (os.environ.get("WORLD_SIZE") or "1") == "1")
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, JobStarted) and event.engine.get("plan"):
+            console.print(_plan_line(event.engine, event.engine["plan"]), highlight=False)
+        reporter(event)
+
     try:
-        summary = run_job(spec, limit=limit, restart=restart, dummy=dummy, on_event=reporter)
+        summary = run_job(spec, limit=limit, restart=restart, dummy=dummy, on_event=on_event)
     except KeyboardInterrupt:
         reporter.close()
         done = reporter.summary
@@ -111,6 +120,21 @@ def run(job: str, input_path: str | None, table: str | None, query: str | None, 
     console.print(summary_line(summary))
     console.print(f"query the outputs: corpusgen sql {summary.output_dir} "
                   '"SELECT status, count(*) FROM outputs GROUP BY 1"')
+
+
+def _plan_line(engine: dict[str, Any], plan: dict[str, Any]) -> str:
+    """One line saying what policy auto chose and what it predicts."""
+    pol = engine.get("policy") or {}
+    shape = f"blocks of {pol.get('gpu_batch_size', '?')} × {pol.get('num_gpu_batches', '?')}"
+    where = "nothing offloaded" if plan.get("no_offload") else (
+        "weights " + ", ".join(f"{t} {v:g}" for t, v in (pol.get("weights") or {}).items() if v)
+        + "; KV " + ", ".join(f"{t} {v:g}" for t, v in (pol.get("kv_cache") or {}).items() if v))
+    if plan.get("recorded"):
+        pred = f"predicted {plan['predicted_tps']:.1f} tok/s"
+    else:
+        pred = "no prediction recorded (no hardware profile of this machine: `corpusgen profile` measures it)"
+    return (f"policy auto: {shape}, {where} (planned for prompt_len {plan['prompt_len']}, "
+            f"gen_len {plan['gen_len']} in {plan['seconds']:.2f}s); {pred}")
 
 
 @cli.command()
@@ -131,8 +155,8 @@ def status(directory: str, as_json: bool) -> None:
 
     lock = st["lock"] or {}
     holder = ""
-    if lock.get("pid"):
-        holder = f" (pid {lock['pid']} on {lock.get('host')} {'is alive' if lock.get('alive') else 'is not running'})"
+    if lock.get("pid") and st.get("world", 1) == 1:
+        holder = f" (pid {lock['pid']} on {lock.get('host')} {_alive(lock)})"
     total = st["rows_total"] if st["rows_total"] is not None else "?"
     console = _console()
     console.print(f"[bold]{st['name'] or directory}[/] in {st['output_dir']}: {st['state']}{holder}")
@@ -141,16 +165,32 @@ def status(directory: str, as_json: bool) -> None:
     if st["tokens_per_s"] is not None:
         console.print(f"recent rate: {st['tokens_per_s']:.1f} tok/s, {st['rows_per_s']:.2f} rows/s; "
                       f"ETA {fmt_seconds(st['eta_s'])}; updated {st['updated']}")
+    if len(st.get("ranks", ())) > 1 or st.get("world", 1) > 1:  # a data-parallel job: one line per rank
+        t = Table("directory", "state", "rows", "parts", "rows/s", "tok/s", "lock holder", "updated")
+        for d in st["ranks"]:
+            who = d["lock"] or {}
+            t.add_row(d["dir"], d["state"], str(d["rows_done"]), str(d["parts"]), _num(d["rows_per_s"]),
+                      _num(d["tokens_per_s"], 1), f"pid {who['pid']} on {who.get('host')} {_alive(who)}"
+                      if who.get("pid") else "-", d["updated"] or "-")
+        console.print(t)
     if st["runs"]:
-        t = Table("run", "started", "status", "rows", "tokens", "seconds", "engine s", "overhead s")
+        t = Table("run", "started", "status", "rows", "tokens", "seconds", "engine s", "overhead s",
+                  "tok/s", "predicted tok/s")
         for r in st["runs"]:
-            t.add_row(r["run_id"], r["started"], r["status"], str(r["rows"]), str(r["gen_tokens"]),
-                      _num(r["seconds"]), _num(r["engine_seconds"]), _num(r["overhead_seconds"]))
+            measured = (r["gen_tokens"] / r["engine_seconds"]) if r["gen_tokens"] and r["engine_seconds"] else None
+            run = r["run_id"] if r.get("world", 1) == 1 else f"{r['run_id']} (rank {r['rank']}/{r['world']})"
+            t.add_row(run, r["started"], r["status"], str(r["rows"]), str(r["gen_tokens"]),
+                      _num(r["seconds"]), _num(r["engine_seconds"]), _num(r["overhead_seconds"]),
+                      _num(measured, 1), _num(r.get("predicted_tps"), 1))
         console.print(t)
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _alive(lock: dict[str, Any]) -> str:
+    return "is alive" if lock.get("alive") else "is not running"
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 @cli.command()
@@ -219,6 +259,290 @@ def models(as_json: bool) -> None:
                   str(p["kv_heads"]), f"{p['params_b']:.2f}")
     console.print(t)
     console.print("a model is also a local HF checkpoint directory or a .gguf file; presets need --dummy")
+
+
+# --------------------------------------------------------------------------- planning commands
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """Parse a size option (16GiB, 512MB, bytes) into bytes."""
+    if value is None:
+        return None
+    from corpusgen.errors import JobSpecError
+    from corpusgen.spec import parse_size
+
+    try:
+        return parse_size(value, param.opts[0])
+    except JobSpecError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def budget_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--gpu-mem/--cpu-mem: memory budgets of the GPU and (pinned) CPU tiers."""
+    for option in reversed([
+        click.option("--gpu-mem", "gpu_mem", metavar="SIZE", callback=_size,
+                     help="GPU memory budget, like 16GiB (default: what the device has)."),
+        click.option("--cpu-mem", "cpu_mem", metavar="SIZE", callback=_size,
+                     help="CPU memory budget, like 100GiB (default: 90% of the host's)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def workload_options(prompt_len: int | str, gen_len: int | str) -> Callable[..., Any]:
+    """--prompt-len/--gen-len: tokens per row in and out; a default given as text is decided later."""
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for name, default, what in (("--gen-len", gen_len, "Generated"), ("--prompt-len", prompt_len, "Prompt")):
+            fn = click.option(name, type=click.IntRange(min=1), metavar="N",
+                              default=default if isinstance(default, int) else None,
+                              help=f"{what} tokens per row (default: {default}).")(fn)
+        return fn
+    return decorate
+
+
+profile_option = click.option(
+    "--profile", metavar="FILE|h200|h100",
+    help="Hardware profile YAML, or a built-in one (default: this machine's saved profile, else a built-in).")
+
+
+@cli.command()
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="What to measure; cpu measures the CPU as the engine's GPU tier.")
+@click.option("--out", metavar="PATH", help="Profile YAML to write (default policies/hardware-<gpu or host>.yaml).")
+@click.option("--offload-dir", metavar="DIR", help="Directory whose disk is measured (default: the temp dir).")
+@click.option("--remeasure", is_flag=True, help="Measure again even when the profile file exists.")
+@click.option("--quick", is_flag=True, help="Small transfers: seconds instead of tens of seconds, noisier figures.")
+@translate_errors
+def profile(device: str, out: str | None, offload_dir: str | None, remeasure: bool, quick: bool) -> None:
+    """Measure this machine (link bandwidths, disk, matmul and attention rates) for the planner."""
+    from rich.table import Table
+
+    from corpusgen.planning import measure_profile
+
+    console = _console()
+    prof, path, reused = measure_profile(device, out=out, offload_dir=offload_dir, remeasure=remeasure, quick=quick)
+    tier = " (the GPU tier is the CPU)" if prof.device_name.startswith("cpu-") else ""
+    t = Table("figure", "value", title=f"{prof.device_name}{tier}, measured {prof.measured}")
+    rows = [
+        ("host→GPU pinned / pageable", f"{prof.h2d_pinned_gbps:g} / {prof.h2d_pageable_gbps:g} GB/s"),
+        ("GPU→host pinned / pageable", f"{prof.d2h_pinned_gbps:g} / {prof.d2h_pageable_gbps:g} GB/s"),
+        ("disk read / write", f"{prof.disk_read_gbps:g} / {prof.disk_write_gbps:g} GB/s"),
+        *((f"GPU matmul m={p.m} ({p.k}×{p.n})", f"{p.tflops:g} TFLOP/s") for p in prof.gpu_matmul),
+        ("GPU prefill attention", f"{prof.gpu_attention_tflops:g} TFLOP/s"),
+        ("GPU decode attention", f"{prof.gpu_attention_gbps:g} GB/s of KV"),
+        ("GPU 4-bit dequantisation", f"{prof.gpu_dequant_gbps:g} GB/s"),
+        ("CPU matmul", f"{prof.cpu_matmul_tflops:g} TFLOP/s"),
+        ("CPU decode attention", f"{prof.cpu_attention_gbps:g} GB/s of KV"),
+        ("CPU 4-bit dequantisation", f"{prof.cpu_dequant_gbps:g} GB/s"),
+        ("GPU / CPU memory", f"{prof.gpu_memory_bytes / 2**30:.1f} / {prof.cpu_memory_bytes / 2**30:.1f} GiB"),
+    ]
+    for name, value in rows:
+        t.add_row(name, value)
+    console.print(t)
+    if reused:
+        console.print(f"reused {path} (measured {prof.measured}); --remeasure measures again")
+    else:
+        console.print(f"saved {path}; `corpusgen plan` and `run --policy auto` use it")
+
+
+@cli.command()
+@click.argument("job", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", "-m", metavar="M",
+              help="Model to plan for (preset, HF directory or .gguf) instead of a JOB.yaml.")
+@click.option("--dummy", is_flag=True, help="The model will run with random weights (a preset needs it to run).")
+@budget_options
+@click.option("--disk", metavar="DIR", help="Offload directory; its free space bounds the disk tier "
+                                            "(default: engine.offload_dir, else the temp dir).")
+@workload_options("512", "the job's max_new_tokens, 32 with --model")
+@click.option("--rows", type=click.IntRange(min=1), metavar="N", help="Rows of the job, for the ETA.")
+@profile_option
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]),
+              help="Plan for a GPU, or for a CPU-only machine (the GPU tier is the CPU).")
+@click.option("--no-compression", is_flag=True, help="Do not consider 4-bit weights or KV cache.")
+@click.option("--output", "-o", metavar="FILE", help="Write the policy YAML here (for run/bench --policy FILE).")
+@translate_errors
+def plan(job: str | None, model: str | None, dummy: bool, gpu_mem: int | None, cpu_mem: int | None,
+         disk: str | None, prompt_len: int | None, gen_len: int | None, rows: int | None, profile: str | None,
+         device: str | None, no_compression: bool, output: str | None) -> None:
+    """Choose a policy for JOB.yaml (or --model) within the memory budgets; predict throughput and ETA."""
+    from corpusgen.planning import (
+        DEFAULT_PROMPT_LEN,
+        disk_free,
+        dtype_bytes_for,
+        plan_job,
+        plan_model,
+        planning_device,
+        resolve_profile,
+    )
+
+    if (job is None) == (model is None):
+        raise click.UsageError("give JOB.yaml or --model M (one of them)")
+    if job is not None:
+        from corpusgen.spec import load_spec
+
+        report = plan_job(load_spec(job), prompt_len=prompt_len, gen_len=gen_len, rows=rows, profile=profile,
+                          gpu_budget=gpu_mem, cpu_budget=cpu_mem, offload_dir=disk,
+                          allow_compression=not no_compression, device=device)
+    else:
+        from corpusgen.engine.weights import load_config, resolve_source
+
+        config = load_config(model)
+        choice = resolve_profile(profile, device or "auto")
+        dev = planning_device(device, choice)
+        notes = [choice.note]
+        if prompt_len is None:
+            notes.append(f"prompt_len {DEFAULT_PROMPT_LEN}: the default (--prompt-len sets it)")
+        if resolve_source(model) is None and not dummy:
+            notes.append(f"{model} is a preset (shapes, no weights): run it with --dummy")
+        report = plan_model(config, profile=choice, device=dev, prompt_len=prompt_len or DEFAULT_PROMPT_LEN,
+                            gen_len=gen_len or 32, gpu_budget=gpu_mem, cpu_budget=cpu_mem, disk_budget=disk_free(disk),
+                            dtype_bytes=dtype_bytes_for(dev), allow_compression=not no_compression, rows=rows,
+                            notes=tuple(notes))
+    console = _console()
+    _render_plan(console, report)
+    if output:
+        from corpusgen.policy.policy import dump_policy
+
+        dump_policy(report.policy, output, comment=report.header())
+        console.print(f"wrote {output}; use it with: corpusgen run JOB.yaml --policy {output}")
+    else:
+        import yaml
+
+        console.print("policy (-o FILE writes it):")
+        text = yaml.safe_dump(report.policy.to_dict(), sort_keys=False, default_flow_style=None, width=1000)
+        console.print(text.rstrip(), highlight=False)
+
+
+def _render_plan(console: Any, report: Any) -> None:
+    """The plan as people read it: inputs, policy, predicted throughput, memory per tier, ETA."""
+    from rich.table import Table
+
+    from corpusgen.progress import fmt_seconds
+
+    p, pol, r = report.plan, report.policy, report.plan.placement
+    n = r.num_layers
+    where = "a CPU-only machine (the GPU tier is the CPU)" if report.device == "cpu" else "a GPU"
+    console.print(f"[bold]plan for {report.config.name}[/] ({n} layers) on {where}, profile {report.profile.source}",
+                  highlight=False)
+    for note in report.notes:
+        console.print(f"  {note}", highlight=False)
+    what = "no offload: everything fits in the GPU tier" if p.no_offload else "offloaded"
+    comp = [f"{k} {c.bits}-bit/group {c.group_size}" for k, c in (("weights", pol.compress_weights),
+                                                                   ("KV", pol.compress_kv)) if c]
+    console.print(f"policy: blocks of {pol.gpu_batch_size} × {pol.num_gpu_batches} = {pol.block_size} rows, {what}; "
+                  f"cpu_attention {'on' if pol.cpu_attention else 'off'}; "
+                  f"compression {', '.join(comp) or 'none'}", highlight=False)
+    t = Table("placement", "gpu", "cpu", "disk")
+    for kind, key in (("weights", "weights"), ("kv_cache", "kv")):
+        cells = [f"{r.fraction(key, tier):.4g} ({len(getattr(r, f'{key}_{tier}'))}/{n})"
+                 if hasattr(r, f"{key}_{tier}") else "-" for tier in ("gpu", "cpu", "disk")]
+        t.add_row(kind, *cells)
+    t.add_row("activations", *(("1", "0") if r.activations_on_gpu else ("0", "1")), "-")
+    console.print(t)
+    bt = p.breakdown
+    t = Table("phase", "s per block", "predicted tok/s", "bound by")
+    t.add_row("prefill", f"{bt.prefill_s:.3g}", f"{report.prefill_tps:,.1f} prompt", bt.prefill.bound)
+    dec = report.decode_tps
+    t.add_row("decode", f"{bt.decode_s:.3g}", "-" if dec is None else f"{dec:,.1f}",
+              bt.decode.bound if bt.decode_s else "-")
+    t.add_row("total", f"{bt.prefill_s + bt.decode_s:.3g}", f"{report.throughput:,.1f}", "")
+    console.print(t)
+    t = Table("tier", "peak GiB", "budget GiB", "largest terms (GiB)")
+    for tier, budget in (("gpu", report.gpu_budget), ("cpu", report.cpu_budget), ("disk", report.disk_budget)):
+        big = ", ".join(f"{name.split('.', 1)[1]} {b / 2**30:.2f}" for name, b in p.memory.largest(tier))
+        t.add_row(tier.upper(), f"{getattr(p.memory, tier) / 2**30:.2f}",
+                  "-" if budget is None else f"{budget / 2**30:.2f}", big or "-")
+    console.print(t)
+    for note in r.notes:
+        console.print(f"  rounded: {note}", highlight=False)
+    if report.eta_s is not None:
+        console.print(f"ETA: {report.rows} rows × {report.gen_len} tokens / {report.throughput:,.1f} tok/s = "
+                      f"{fmt_seconds(report.eta_s)}", highlight=False)
+    else:
+        console.print("ETA: unknown rows (--rows N gives it)")
+    if not report.profile.this_machine:
+        console.print(f"note: predicted with {report.profile.source}, not a profile of this machine", highlight=False)
+
+
+@cli.command()
+@click.option("--model", "-m", metavar="M", required=True, help="Preset (with --dummy), HF directory or .gguf file.")
+@click.option("--dummy/--no-dummy", default=True, show_default=True,
+              help="Random weights of the model's shape (no download).")
+@workload_options(512, 32)
+@click.option("--num-seqs", type=click.IntRange(min=1), metavar="N", help="Sequences (default: one block).")
+@click.option("--policy", default="auto", show_default=True, metavar="auto|FILE",
+              help="Plan with the optimizer, or a policy YAML.")
+@budget_options
+@click.option("--offload-dir", metavar="DIR", help="Directory of the disk tier (default: a temp dir).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the engine runs.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Compute dtype.")
+@profile_option
+@click.option("--results", metavar="FILE", default="benchmarks/results.jsonl", show_default=True,
+              help="JSON-lines file the result is appended to.")
+@click.option("--label", default="", metavar="TEXT", help="Free text stored with the result.")
+@translate_errors
+def bench(model: str, dummy: bool, prompt_len: int, gen_len: int, num_seqs: int | None, policy: str,
+          gpu_mem: int | None, cpu_mem: int | None, offload_dir: str | None, device: str, dtype: str,
+          profile: str | None, results: str, label: str) -> None:
+    """FlexGen's workload (every row generates gen_len tokens), timed end to end; predicted vs measured."""
+    from corpusgen.bench import run_bench
+    from corpusgen.engine.weights import load_config
+    from corpusgen.planning import (
+        disk_free,
+        dtype_bytes_for,
+        evaluate,
+        plan_model,
+        resolve_profile,
+        run_device,
+    )
+
+    config = load_config(model)
+    dev = run_device(device)
+    choice = resolve_profile(profile, dev)
+    args: dict[str, Any] = {"profile": choice, "device": dev, "prompt_len": prompt_len, "gen_len": gen_len,
+                            "dtype_bytes": dtype_bytes_for(dev, dtype), "notes": (choice.note,)}
+    if policy == "auto":
+        report = plan_model(config, gpu_budget=gpu_mem, cpu_budget=cpu_mem, disk_budget=disk_free(offload_dir),
+                            **args)
+    else:
+        from corpusgen.policy.policy import load_policy
+
+        report = evaluate(config, load_policy(policy), gpu_budget=gpu_mem, cpu_budget=cpu_mem, **args)
+    console = _console()
+    console.print(f"[bold]bench {config.name}[/] on {dev}: {num_seqs or report.policy.block_size} sequences, "
+                  f"prompt {prompt_len}, gen {gen_len}, policy {policy} (blocks of {report.policy.gpu_batch_size} × "
+                  f"{report.policy.num_gpu_batches}); profile {report.profile.source}", highlight=False)
+    rec = run_bench(model, dummy=dummy, prompt_len=prompt_len, gen_len=gen_len, num_seqs=num_seqs,
+                    policy=report.policy, gpu_memory=gpu_mem, cpu_memory=cpu_mem, offload_dir=offload_dir,
+                    device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
+                    profile=choice.profile, results_file=results, label=label,
+                    # recorded only when it means something: a profile of this machine, or one asked for
+                    predicted_tps=report.throughput if choice.this_machine or profile else None)
+    _render_bench(console, rec, report)
+    console.print(f"appended to {results}")
+
+
+def _render_bench(console: Any, rec: dict[str, Any], report: Any) -> None:
+    """Measured beside predicted, as a table."""
+    from rich.table import Table
+
+    mem = report.plan.memory
+    t = Table("figure", "measured", "predicted")
+    t.add_row("prefill (prompt tok/s)", _num(rec["prefill_tps"], 1), _num(report.prefill_tps, 1))
+    t.add_row("decode (tok/s)", _num(rec["decode_tps"], 1), _num(report.decode_tps, 1))
+    t.add_row("total (tok/s)", _num(rec["total_tps"], 2), _num(report.throughput, 2))
+    t.add_row("decode step (s)", _num(rec["decode_step_s"], 4), "")
+    t.add_row("  link time of its transfers (s)", _num(rec["decode_step_link_s"], 4),
+              f"{rec['decode_step_link_bytes'] / 2**30:.2f} GiB moved")
+    t.add_row("peak GPU (GiB)", _num(rec["peak_gpu_gib"], 2), f"{mem.gpu / 2**30:.2f}")
+    t.add_row("peak pinned CPU (GiB)", _num(rec["peak_pinned_gib"], 2), f"{mem.cpu / 2**30:.2f}")
+    t.add_row("disk (GiB)", _num(rec["disk_gib"], 2), f"{mem.disk / 2**30:.2f}")
+    t.add_row("load / generate wall (s)", f"{rec['load_s']:.2f} / {rec['generate_wall_s']:.2f}", "")
+    console.print(t)
+    if not report.profile.this_machine:
+        console.print(f"note: predictions use {report.profile.source}, not a profile of this machine "
+                      "(`corpusgen profile` measures it)", highlight=False)
 
 
 def _params(c: Any) -> int:

@@ -14,9 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
-from jinja2.exceptions import TemplateError as JinjaError
-from jinja2.exceptions import UndefinedError
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
+from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from corpusgen.errors import TemplateError
@@ -47,15 +46,64 @@ def _finalize(value: Any) -> Any:
     return "" if value is None else value
 
 
+MAX_TEMPLATE_ITEMS = 10_000_000
+"""Largest sequence ``*`` may build, and largest integer argument a template may pass to a call."""
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja2's sandbox (no attribute starting with ``_``, no unsafe methods, small ranges) that also
+    refuses ``'a' * 10**10``, ``10 ** 10 ** 10`` and ``text.ljust(10**10)``: a template must not
+    hang the job or exhaust memory (size arguments of filters such as ``center`` stay unchecked)."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_ITEMS:
+                    raise SecurityError(f"'*' would build {len(seq) * n} items; the sandbox allows {MAX_TEMPLATE_ITEMS}")
+        elif isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            if left.bit_length() * right > 2**20:
+                raise SecurityError(f"'**' would compute a number of more than {2**20} bits")
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, int) and abs(a) > MAX_TEMPLATE_ITEMS:
+                raise SecurityError(f"a call with the argument {a} (the sandbox allows up to {MAX_TEMPLATE_ITEMS})")
+        return super().call(context, obj, *args, **kwargs)
+
+
+def _internals(ast: nodes.Template) -> nodes.Node | None:
+    """The first ``x._name``, ``x['_name']`` or ``x|attr('_name')`` of a template: an attempt to
+    reach Python internals, refused before the job starts (the sandbox would refuse it per row)."""
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            name = node.attr
+        elif isinstance(node, nodes.Getitem):
+            name = node.arg.value if isinstance(node.arg, nodes.Const) else None
+        else:
+            name = node.args[0].value if node.name == "attr" and node.args and isinstance(node.args[0], nodes.Const) else None
+        if isinstance(name, str) and name.startswith("_"):
+            return node
+    return None
+
+
 def compile_template(spec: PromptSpec) -> tuple[Any, frozenset[str]]:
     """Compile ``spec.template`` once: (jinja2 Template, the row columns it uses)."""
-    env = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True,
-                               autoescape=False, finalize=_finalize)
+    env = _Sandbox(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False, finalize=_finalize)
     try:
         ast = env.parse(spec.template)
         template = env.from_string(spec.template)
     except TemplateSyntaxError as e:
         raise TemplateError(f"prompt.template line {e.lineno}: {e.message}; fix the Jinja2 syntax") from None
+    bad = _internals(ast)
+    if bad is not None:
+        raise TemplateError(f"prompt.template line {bad.lineno}: names starting with '_' reach Python internals, "
+                            "which the template sandbox refuses; use the row's columns and Jinja2 filters")
+    if next(ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)), None) is not None:
+        raise TemplateError("prompt.template: include, import and extends are not available (a job's template is "
+                            "one string); write the text into the template")
     return template, frozenset(meta.find_undeclared_variables(ast) - set(env.globals))
 
 
@@ -99,7 +147,8 @@ class PromptBuilder:
             ids = self._ids(row)
         except UndefinedError as e:
             return Prompt(key=key, ids=None, status="error", error=f"template: {e.message}")
-        except (JinjaError, TypeError, ValueError, ArithmeticError) as e:
+        except Exception as e:  # noqa: BLE001 - a row's values may break any call in the template (a
+            # KeyError from str.format of the row's text, say): that row is an error, the job goes on
             return Prompt(key=key, ids=None, status="error", error=f"template: {type(e).__name__}: {e}")
         if len(ids) <= self.budget:
             return Prompt(key=key, ids=ids, prompt_tokens=len(ids))

@@ -98,7 +98,7 @@ class InputReader:
         if self.spec.id is None:
             return fallback, problems
         keys = []
-        for i, v in enumerate(batch.column(self.spec.id).to_pylist()):
+        for i, v in enumerate(_pylist(batch.column(self.spec.id))):
             if v is None:
                 keys.append(fallback[i])
                 problems[i] = problems[i] or f"id column {self.spec.id!r} is null"
@@ -118,13 +118,16 @@ def batch_records(batch: RowBatch) -> list[dict[str, Any]]:
     for name in batch.rows.schema.names:
         if name == "__problem__":
             continue
-        col = batch.rows.column(name)
-        try:
-            values = col.to_pylist()
-        except (UnicodeDecodeError, pa.ArrowInvalid):
-            values = col.cast(pa.binary()).to_pylist()
-        cols[name] = [_text(v) for v in values]
+        cols[name] = [_text(v) for v in _pylist(batch.rows.column(name))]
     return [{k: cols[k][i] for k in cols} for i in range(batch.rows.num_rows)]
+
+
+def _pylist(col: pa.Array) -> list[Any]:
+    """Values of a column; a string column holding bytes that are not UTF-8 gives bytes instead."""
+    try:
+        return col.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        return col.cast(pa.binary()).to_pylist()
 
 
 def _text(v: Any) -> Any:
@@ -192,6 +195,10 @@ class _Parquet:
                 row += b.num_rows
 
 
+_CSV_BLOCK, _CSV_MAX_BLOCK = 1 << 20, 1 << 30
+"""Bytes the CSV reader parses at a time; a row larger than that is read again with 8× the block."""
+
+
 class _Csv:
     def __init__(self, spec: InputSpec):
         self.files = _files(spec.path, (".csv",))
@@ -219,16 +226,22 @@ class _Csv:
             convert = pcsv.ConvertOptions(column_types={c: pa.binary() for c in self._header[f]},
                                           include_columns=list(columns), strings_can_be_null=False,
                                           quoted_strings_can_be_null=False)
-            try:
-                reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 20),
-                                       parse_options=pcsv.ParseOptions(newlines_in_values=True),
-                                       convert_options=convert)
-                row = 0
-                for b in _rebatch(reader, size):
-                    yield (os.path.basename(f), row), b
-                    row += b.num_rows
-            except pa.ArrowInvalid as e:
-                raise InputError(f"{f}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+            row, block = 0, _CSV_BLOCK
+            while True:
+                try:
+                    # after a row too large for the block: again with a larger block, past the rows read
+                    reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=block, skip_rows_after_names=row),
+                                           parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                                           convert_options=convert)
+                    for b in _rebatch(reader, size):
+                        yield (os.path.basename(f), row), b
+                        row += b.num_rows
+                    break
+                except pa.ArrowInvalid as e:
+                    if "straddl" in str(e) and block < _CSV_MAX_BLOCK:
+                        block *= 8
+                        continue
+                    raise InputError(f"{f}: not a readable CSV file ({str(e).splitlines()[0]})") from None
 
 
 class _Jsonl:
@@ -244,7 +257,7 @@ class _Jsonl:
                     for line in fh:
                         try:
                             obj = json.loads(line)
-                        except ValueError:
+                        except (ValueError, RecursionError):
                             continue
                         if isinstance(obj, dict):
                             self._cols = list(obj)
@@ -278,18 +291,46 @@ def _json_row(line: bytes, lineno: int, columns) -> dict:
         return {"__problem__": f"row {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"}
     except ValueError as e:
         return {"__problem__": f"row {lineno}: not valid JSON ({e})"}
+    except RecursionError:
+        return {"__problem__": f"row {lineno}: JSON nested too deeply"}
     if not isinstance(obj, dict):
         return {"__problem__": f"row {lineno}: expected a JSON object, got {type(obj).__name__}"}
     return {c: obj.get(c) for c in columns}
 
 
 def _pylist_batch(chunk: list[dict], columns) -> pa.RecordBatch:
+    try:
+        return _pylist_batch_of(chunk, columns)
+    except UnicodeEncodeError:  # JSON escapes of lone surrogates (\ud800) decode to text UTF-8 cannot hold
+        return _pylist_batch_of([_without_surrogates(r) for r in chunk], columns)
+
+
+def _without_surrogates(row: dict) -> dict:
+    """The row without its values that UTF-8 cannot encode, and a problem naming the first."""
+    bad = [k for k, v in row.items() if not _encodable(v)]
+    if not bad:
+        return row
+    clean = {k: v for k, v in row.items() if k not in bad}
+    clean["__problem__"] = row.get("__problem__") or (
+        f"column {bad[0]!r} is not valid Unicode (a lone UTF-16 surrogate escape such as \\ud800)")
+    return clean
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _pylist_batch_of(chunk: list[dict], columns) -> pa.RecordBatch:
     data = {}
     for c in columns:
         values = [r.get(c) for r in chunk]
         try:
             data[c] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # OverflowError: an integer beyond 64 bits
             # mixed types across rows: keep them as JSON text rather than failing
             data[c] = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values])
     data["__problem__"] = pa.array([r.get("__problem__") for r in chunk], pa.string())

@@ -6,7 +6,9 @@
 Commit granularity: a part is committed as soon as ``commit_rows`` finished rows are buffered
 (default: the engine's block size, so about one part per block) or ``commit_seconds`` passed since
 the last commit, and at the end. An interrupt (Ctrl-C, SIGTERM) discards the rows not yet
-committed — at most one part's worth — and leaves every committed part in place.
+committed — at most one part's worth — and leaves every committed part in place (a commit under
+way finishes first). Out of memory in a block: finished rows are kept, the rest run again in half
+blocks; a row out of memory alone is an ``error`` row. docs/reliability.md has the whole list.
 Rows that never reach the engine (reader problems, template errors, prompt_too_long) are written
 like any other row, with their status, in the next part.
 """
@@ -250,7 +252,7 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
         fingerprint = fingerprint_of(fields)
 
     ranks = ranks or Ranks.from_env()
-    ranks.select_gpu(spec.engine.device)  # several ranks on a machine: each on its GPU, cuda:LOCAL_RANK
+    gpu = ranks.select_gpu(spec.engine.device)  # several ranks on a machine: each on its GPU, cuda:LOCAL_RANK
     here = ranks.directory(out)  # where this process writes: DIR, or DIR/rank-<r>-of-<w>
     if here != out and spec.engine.offload_dir:  # ranks of a machine must not share the disk tier's files
         spec = dataclasses.replace(spec, engine=dataclasses.replace(
@@ -287,7 +289,7 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
             if plan_auto:
                 from corpusgen.planning import plan_run
 
-                plan = plan_run(spec, dummy=dummy, rows=reader.total_rows)
+                plan = plan_run(spec, dummy=dummy, rows=reader.total_rows, limit=limit)
                 policy = plan.policy
                 predicted_tps = predicted_tps if predicted_tps is not None else plan.predicted_tps
             t_load = time.perf_counter()
@@ -305,6 +307,8 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
                        commit_rows=commit_rows, commit_seconds=commit_seconds, window_blocks=window_blocks,
                        job_dir=out, others=others, ranks=ranks, constraint=constraint, typed=typed)
             describe = engine.describe() if hasattr(engine, "describe") else {"model": spec.model}
+            if gpu is not None and describe.get("device") == "cuda":
+                describe = {**describe, "device": f"cuda:{gpu}"}  # "cuda" is this rank's current device
             if plan is not None:
                 describe = {**describe, "plan": plan.summary()}
             manifest.start_run(run.run_id, engine=describe, input=dataclasses.asdict(spec.input),
@@ -333,11 +337,14 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def _free_memory() -> None:
-    """Give memory back after an out-of-memory error, before the smaller retry."""
-    gc.collect()
+    """Give memory back after an out-of-memory error, before the smaller retry (a full collection
+    only with CUDA in use: it costs tens of milliseconds in a big process)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()
+    else:
+        gc.collect(1)
 
 
 def _prepare_output(out: Path, ranks: Ranks, *, restart: bool, fingerprint: str, fields: dict[str, Any],

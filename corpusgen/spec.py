@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from corpusgen import __version__
 from corpusgen.engine.api import SamplingSettings
@@ -89,7 +89,11 @@ class OutputSpec:
     """Where outputs go and what shape the answer has."""
 
     schema: Mapping[str, Any] | None = None
-    """JSON Schema the answer must satisfy (parsed and validated; stored in the ``json`` column)."""
+    """JSON Schema of the answer: constrained decoding, validation, typed ``out_*`` columns
+    (corpusgen.structured, corpusgen.columns). An enum-only schema is a classification: the answer
+    is one of its labels, bare."""
+    regex: str | None = None
+    """Regular expression the whole answer must match (constrained decoding); not with ``schema``."""
     dir: str | None = None
     """Output directory; default ``out/<name>`` under the current directory."""
 
@@ -186,7 +190,8 @@ class JobSpec:
             "model": d["model"],
             "input": {"id": d["input"]["id"]},
             "prompt": d["prompt"],
-            "output": {"schema": d["output"]["schema"]},
+            "output": {"schema": d["output"]["schema"],
+                       **({"regex": d["output"]["regex"]} if d["output"]["regex"] is not None else {})},
             "generation": d["generation"],
             "corpusgen": __version__,
         }
@@ -290,7 +295,26 @@ def _schema(value: Any, path: str) -> Mapping[str, Any] | None:
         jsonschema.validators.validator_for(value).check_schema(value)
     except jsonschema.SchemaError as e:
         raise JobSpecError(f"{path}: not a valid JSON Schema ({e.message})") from None
+    remote = next((r for r in _refs(value) if not r.startswith("#")), None)
+    if remote is not None:  # validating would fail on the first row (nothing is fetched)
+        raise JobSpecError(f"{path}: $ref {remote!r} points outside the schema; only local references "
+                           "such as '#/$defs/name' are supported (a job never reads the network)")
     return dict(value)
+
+
+def _refs(schema: Any) -> Iterator[str]:
+    """Every ``$ref`` / ``$dynamicRef`` string of a (bounded, see _check_bounded) JSON Schema."""
+    stack = [schema]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Mapping):
+            for k, x in v.items():
+                if k in ("$ref", "$dynamicRef") and isinstance(x, str):
+                    yield x
+                else:
+                    stack.append(x)
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 def _policy(value: Any, path: str) -> str | Mapping[str, Any]:
@@ -315,7 +339,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Callable[[Any, str], Any]]]] = {
     "prompt": (PromptSpec, {
         "system": _opt_str, "template": _str, "too_long": _choice(TOO_LONG), "document_column": _str,
     }),
-    "output": (OutputSpec, {"schema": _schema, "dir": _opt_str}),
+    "output": (OutputSpec, {"schema": _schema, "regex": _opt_str, "dir": _opt_str}),
     "generation": (GenerationSpec, {
         "max_new_tokens": _int(1), "temperature": _float(0.0), "top_p": _float(0.0, 1.0),
         "top_k": _int(0), "seed": _int(0), "stop": _str_list,
@@ -344,9 +368,32 @@ def _section(name: str, data: Any):
     return cls(**kw)
 
 
+MAX_SPEC_BYTES = 2**20
+"""A job file larger than this is refused (YAML is parsed in Python at about 1 MB/s)."""
+_MAX_NODES, _MAX_DEPTH = 100_000, 64
+
+
+def _check_bounded(data: Any) -> None:
+    """Refuse a spec of more than _MAX_NODES values or _MAX_DEPTH levels, counting each YAML alias
+    as the copy it becomes (an alias "bomb" of a few lines expands to billions of values)."""
+    stack, nodes = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > _MAX_NODES or depth > _MAX_DEPTH:
+            what = f"more than {_MAX_NODES} values" if nodes > _MAX_NODES else f"deeper than {_MAX_DEPTH} levels"
+            raise JobSpecError(f"the job spec is {what} (YAML aliases count as copies); a job spec is a small "
+                               "mapping, data belongs in the input")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for kv in value.items() for v in kv)
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
+
+
 def spec_from_dict(data: Any, *, base_dir: Path | str = ".", default_name: str = "job",
                    source: str | None = None) -> JobSpec:
     """Validate a job mapping; relative paths in it resolve against ``base_dir``."""
+    _check_bounded(data)
     if not isinstance(data, Mapping):
         raise JobSpecError(f"a job spec is a mapping with fields {', '.join(TOP_LEVEL)}, got {_type_name(data)}")
     for key in data:
@@ -363,6 +410,8 @@ def spec_from_dict(data: Any, *, base_dir: Path | str = ".", default_name: str =
         inp = dataclasses.replace(inp, path=_resolve(inp.path, base))
     if inp.table is not None and inp.query is not None:
         raise JobSpecError("input: set input.table or input.query, not both")
+    if out.schema is not None and out.regex is not None:
+        raise JobSpecError("output: set output.schema or output.regex, not both")
     if out.dir is not None:
         out = dataclasses.replace(out, dir=_resolve(out.dir, base))
     if eng.offload_dir is not None:
@@ -390,10 +439,15 @@ def load_spec(path: str | Path) -> JobSpec:
 
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)  # never more: the path may be a huge file or a device
+        if len(raw) > MAX_SPEC_BYTES:
+            raise JobSpecError(f"{p}: the job file is larger than {MAX_SPEC_BYTES // 2**20} MiB; a job spec names "
+                               "its data (input.path), it does not hold it")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise JobSpecError(f"{p}: job file not found; pass the path of a job YAML (see jobs/*.yaml)") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise JobSpecError(f"{p}: cannot read the job file ({e})") from None
     try:
         data = yaml.safe_load(text)
@@ -402,6 +456,8 @@ def load_spec(path: str | Path) -> JobSpec:
         line = f" at line {where.line + 1}" if where is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise JobSpecError(f"{p}: not valid YAML{line} ({problem}); fix the syntax") from None
+    except RecursionError:
+        raise JobSpecError(f"{p}: the YAML is nested too deeply; a job spec is a few levels of mappings") from None
     return spec_from_dict(data, base_dir=p.resolve().parent, default_name=p.stem, source=str(p))
 
 

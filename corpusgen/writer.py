@@ -8,17 +8,21 @@ not know, which the next run deletes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from corpusgen.errors import OutputError
 
 STATUSES = ("ok", "truncated", "schema_invalid", "prompt_too_long", "error")
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -48,13 +52,16 @@ class OutputRow:
     """Why the row is not ok (validation message, engine error, reader problem), else null."""
     run_id: str = ""
     """The run that generated the row."""
+    typed: Mapping[str, Any] | None = None
+    """Values of the typed answer columns (``out_*`` or ``out``, corpusgen.columns) of an ok row."""
 
     def __post_init__(self) -> None:
         assert self.status in STATUSES, self.status
 
 
-def output_schema(with_json: bool) -> pa.Schema:
-    """The Arrow schema of every part of a job (``json`` only when the job has an output schema)."""
+def output_schema(with_json: bool, typed: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The Arrow schema of every part of a job (``json`` only when the job has an output schema,
+    followed by the ``typed`` answer columns of corpusgen.columns.typed_fields)."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
@@ -67,7 +74,9 @@ def output_schema(with_json: bool) -> pa.Schema:
         pa.field("error", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
     ]
-    return pa.schema([f for f in fields if with_json or f.name != "json"])
+    fields = [f for f in fields if with_json or f.name != "json"]
+    at = [f.name for f in fields].index("json") + 1 if with_json else 3
+    return pa.schema([*fields[:at], *typed, *fields[at:]])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,13 +112,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_ROW_FIELDS = frozenset(f.name for f in dataclass_fields(OutputRow))
+
+
 def rows_table(rows: Sequence[OutputRow], schema: pa.Schema) -> pa.Table:
     """Rows as an Arrow table of ``schema``."""
-    cols: dict[str, list[Any]] = {name: [] for name in schema.names}
-    for r in rows:
-        d = asdict(r)
-        for name in schema.names:
-            cols[name].append(d[name])
+    # getattr, not dataclasses.asdict: asdict deep-copies every value and was most of the writer's time
+    cols = {name: [getattr(r, name) for r in rows] if name in _ROW_FIELDS else
+            [(r.typed or {}).get(name) for r in rows] for name in schema.names}  # typed answer columns
     return pa.Table.from_pydict(cols, schema=schema)
 
 
@@ -121,12 +131,18 @@ def write_part(out_dir: Path, number: int, rows: Sequence[OutputRow], schema: pa
     pq.write_table(rows_table(rows, schema), buf, compression="zstd")
     data = buf.getvalue()
     tmp = out_dir / (name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / name)
-    fsync_dir(out_dir)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_dir / name)
+        fsync_dir(out_dir)
+    except OSError as e:  # a full disk, an I/O error: nothing of this part is committed
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"{out_dir / name}: cannot write the part ({e.strerror or e}); committed parts are intact: "
+                          "free space (or fix the disk) and run the same command again to resume") from None
     statuses: dict[str, int] = {}
     for r in rows:
         statuses[r.status] = statuses.get(r.status, 0) + 1
@@ -137,5 +153,9 @@ def write_part(out_dir: Path, number: int, rows: Sequence[OutputRow], schema: pa
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``data`` as JSON so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write ({e.strerror or e}); committed parts are intact: "
+                          "free space (or fix the disk) and run the same command again to resume") from None

@@ -1,0 +1,285 @@
+"""What 4-bit weight and KV-cache compression cost in accuracy on the default model, on the CPU.
+
+    python benchmarks/compression_accuracy.py --dtype float32 --threads 2
+
+Five settings of one model (SmolLM2-135M-Instruct, the Q4_1 GGUF the default model ships as):
+no compression, 4-bit weights (group 64), 4-bit KV cache (group 64), both, and 4-bit weights
+with group 32 — the GGUF Q4_1 block size, which should reproduce the checkpoint's own 4-bit
+tensors exactly (see the docstring of corpusgen/engine/compression.py). For each setting:
+
+1. **Perplexity** on benchmarks/data/heldout.txt (paragraphs written for this benchmark, in no job
+   or job corpus), computed *through the engine* by teacher forcing: each paragraph is a row whose
+   prompt is its first ``--prefix`` tokens; at every token step the logits hook records
+   ``log_softmax(logits)[target]`` and then forces the target (every other logit -inf), so the
+   compressed KV cache and weights are used exactly as in generation. After its last target a row
+   is forced to EOS and ends. The uncompressed run is checked against one full-sequence pass of
+   ``corpusgen.engine.model.reference_logits`` on the same weights.
+2. **Greedy agreement** on the sample jobs: the prompts of jobs/extract.yaml, classify.yaml and
+   summarize.yaml over the 48 hand-written sample documents (the two edge-case rows are left
+   out), each job's template rendered with the row and wrapped by the chat template, greedy, each
+   job's stop strings, max_new_tokens = min(the job's, ``--max-new-tokens``). Plain greedy: the
+   jobs' output schemas (structured decoding) are not applied. Reported against the uncompressed
+   outputs: share of rows with identical tokens, and the mean share of identical leading tokens
+   (common prefix / the longer of the two outputs; 1 when both are empty).
+
+All settings use the same fixed blocks (``refill: false``, rows sorted by prompt length), so a row
+meets the same batch neighbours and padding in every setting and only compression differs.
+Prints a table, then one JSON line with everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+HELDOUT = REPO / "benchmarks" / "data" / "heldout.txt"
+JOBS = ("extract", "classify", "summarize")
+SETTINGS = {  # name -> (compress_weights, compress_kv) as (bits, group_size)
+    "none": (None, None),
+    "w4 g64": ((4, 64), None),
+    "kv4 g64": (None, (4, 64)),
+    "w4+kv4 g64": ((4, 64), (4, 64)),
+    "w4 g32": ((4, 32), None),
+    # Not run by default; diagnostics for the KV cache (--settings none "kv4 g32" "kv8 g64" --skip-jobs).
+    "kv4 g32": (None, (4, 32)),
+    "kv8 g64": (None, (8, 64)),
+}
+DEFAULT_SETTINGS = ("none", "w4 g64", "kv4 g64", "w4+kv4 g64", "w4 g32")
+
+
+class TeacherForcing:
+    """Logits hook that scores and then forces a known continuation per row.
+
+    ``targets[key]`` are the tokens that follow the row's prompt. At each step the hook records
+    ``log_softmax(logits)[target]`` for every row that still has a target and returns logits in
+    which only the target is finite (greedy sampling then picks it); a row past its targets is
+    forced to ``end_token`` (an EOS id, so the engine ends it) and scores nothing.
+    """
+
+    def __init__(self, targets: dict[str, Sequence[int]], end_token: int):
+        self.targets = {k: list(v) for k, v in targets.items()}
+        self.end_token = end_token
+        self.pos = {k: 0 for k in targets}
+        self.logprobs: dict[str, list[float]] = {k: [] for k in targets}
+        self._forced: list[int] = []
+
+    def mask(self, keys: Sequence[str], logits: torch.Tensor) -> torch.Tensor:
+        """logits (rows, vocab) fp32 -> logits with -inf everywhere but each row's forced token."""
+        logp = logits.float().log_softmax(-1)  # (rows, vocab)
+        forced = []
+        for i, k in enumerate(keys):
+            t, p = self.targets[k], self.pos[k]
+            if p < len(t):
+                self.logprobs[k].append(float(logp[i, t[p]]))
+                forced.append(t[p])
+            else:
+                forced.append(self.end_token)
+        idx = torch.tensor(forced, device=logits.device)[:, None]  # (rows, 1)
+        out = torch.full_like(logits, float("-inf"))
+        self._forced = forced
+        return out.scatter_(1, idx, 0.0)
+
+    def advance(self, keys: Sequence[str], next_ids: torch.Tensor) -> None:
+        got = next_ids.tolist()
+        assert got == self._forced, f"the engine did not take the forced tokens: {got} vs {self._forced}"
+        for k in keys:
+            self.pos[k] += 1
+
+
+def nll_stats(logprobs: dict[str, list[float]]) -> dict:
+    """Token-weighted perplexity over all rows."""
+    flat = [x for v in logprobs.values() for x in v]
+    nll = -sum(flat) / len(flat)
+    return {"tokens": len(flat), "nll": nll, "ppl": math.exp(nll)}
+
+
+def engine_logprobs(engine, seqs: dict[str, list[int]], prefix: int, end_token: int) -> dict[str, list[float]]:
+    """Teacher-forced log-probs of tokens ``seq[prefix:]`` of every sequence, through ``engine``."""
+    from corpusgen.engine.api import Request, SamplingSettings
+
+    hook = TeacherForcing({k: s[prefix:] for k, s in seqs.items()}, end_token)
+    reqs = [Request(key=k, prompt_ids=s[:prefix]) for k, s in seqs.items()]
+    longest = max(len(s) - prefix for s in seqs.values())
+    sampling = SamplingSettings(max_new_tokens=longest + 1, temperature=0.0)  # + 1: the forced EOS step
+    results = {r.key: r for r in engine.generate(reqs, sampling, logits_hook=hook)}
+    for k, s in seqs.items():
+        r = results[k]
+        assert r.finish_reason in ("eos", "length") and r.token_ids == s[prefix:], (k, r.finish_reason, r.error)
+        assert len(hook.logprobs[k]) == len(s) - prefix, (k, len(hook.logprobs[k]), len(s) - prefix)
+    return hook.logprobs
+
+
+@torch.no_grad()
+def reference_logprobs(cfg, units, seqs: dict[str, list[int]], prefix: int) -> dict[str, list[float]]:
+    """The same log-probs from one full-sequence pass per sequence (no cache, no schedule)."""
+    from corpusgen.engine.model import reference_logits
+
+    out = {}
+    for k, s in seqs.items():
+        ids = torch.tensor([s])
+        logp = reference_logits(cfg, units, ids)[0].float().log_softmax(-1)  # (seq, vocab)
+        pred = logp[prefix - 1:-1]  # position i predicts token i + 1
+        out[k] = pred.gather(1, ids[0, prefix:, None])[:, 0].tolist()
+    return out
+
+
+def heldout_sequences(tok, path: Path = HELDOUT) -> dict[str, list[int]]:
+    paras = [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
+    return {f"p{i:02d}": tok.encode(p, add_special_tokens=False) for i, p in enumerate(paras)}
+
+
+def job_requests(tok, cap: int) -> dict[str, tuple[list, object]]:
+    """Per job: (requests sorted by prompt length, SamplingSettings)."""
+    import jinja2.sandbox
+    import pyarrow.parquet as pq
+    import yaml
+
+    from corpusgen.engine.api import Request, SamplingSettings
+
+    rows = [r for r in pq.read_table(REPO / "jobs" / "sample" / "docs.parquet").to_pylist()
+            if not r["id"].startswith("edge-")]
+    env = jinja2.sandbox.SandboxedEnvironment(finalize=lambda v: "" if v is None else v)
+    out = {}
+    for name in JOBS:
+        spec = yaml.safe_load((REPO / "jobs" / f"{name}.yaml").read_text())
+        template = env.from_string(spec["prompt"]["template"])
+        system = spec["prompt"].get("system")
+        reqs = [Request(key=f"{name}:{r['id']}", prompt_ids=tok.chat_prompt(system, template.render(r))) for r in rows]
+        reqs.sort(key=lambda r: len(r.prompt_ids))
+        gen = spec.get("generation", {})
+        out[name] = (reqs, SamplingSettings(max_new_tokens=min(int(gen.get("max_new_tokens", 64)), cap),
+                                            temperature=0.0, stop=tuple(gen.get("stop", ()))))
+    return out
+
+
+def agreement(ref: dict[str, list[int]], got: dict[str, list[int]]) -> dict:
+    same, lead = 0, 0.0
+    for k, a in ref.items():
+        b = got[k]
+        same += a == b
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        lead += 1.0 if not a and not b else n / max(len(a), len(b))
+    return {"rows": len(ref), "identical": same, "identical_share": same / len(ref), "lead_share": lead / len(ref)}
+
+
+def weight_roundtrip(units, bits: int, group_size: int) -> float:
+    """Largest |dequantise(quantise(w)) - w| over the linear weights the engine would compress."""
+    from corpusgen.engine import compression as cq
+    from corpusgen.engine.placement import compressible
+
+    worst = 0.0
+    for unit, tensors in units.items():
+        for name, w in tensors.items():
+            if w is not None and compressible(unit, name, w):
+                back = cq.dequantize(cq.quantize(w, bits, group_size, axis=-1), dtype=w.dtype)
+                worst = max(worst, (back.float() - w.float()).abs().max().item())
+    return worst
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="engine dtype")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--prefix", type=int, default=16, help="prompt tokens of each held-out row (not scored)")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="cap on the jobs' max_new_tokens")
+    ap.add_argument("--batch", type=int, default=16, help="gpu_batch_size (rows per batch)")
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
+    ap.add_argument("--skip-jobs", action="store_true", help="perplexity only")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    assert args.settings[0] == "none", "the first setting is the baseline and must be 'none'"
+
+    from corpusgen.engine.load import open_engine
+    from corpusgen.engine.tokenizer import load_tokenizer
+    from corpusgen.engine.weights import iter_units, load_config
+    from corpusgen.policy.policy import Compression, Policy
+
+    tok, cfg = load_tokenizer(args.model), load_config(args.model)
+    end_token = tok.eos_token_ids[0]
+    seqs = heldout_sequences(tok)
+    jobs = {} if args.skip_jobs else job_requests(tok, args.max_new_tokens)
+    print(f"model {args.model}, dtype {args.dtype}, threads {torch.get_num_threads()}, held-out: {len(seqs)} "
+          f"paragraphs, {sum(map(len, seqs.values()))} tokens ({sum(len(s) - args.prefix for s in seqs.values())} "
+          f"scored); jobs: " + ", ".join(f"{n} {len(r)} rows ≤{s.max_new_tokens} new" for n, (r, s) in jobs.items()))
+
+    # The sanity check, and the Q4_1 round trip, on the same dequantised weights the engine loads.
+    units = dict(iter_units(args.model, cfg, dtype=getattr(torch, args.dtype)))
+    t0 = time.perf_counter()
+    ref_lp = reference_logprobs(cfg, units, seqs, args.prefix)
+    ref = nll_stats(ref_lp)
+    roundtrip = {g: weight_roundtrip(units, 4, g) for g in (32, 64)}
+    print(f"reference_logits perplexity {ref['ppl']:.4f} ({time.perf_counter() - t0:.0f} s); 4-bit round trip of the "
+          f"linear weights, max |Δ|: group 32 {roundtrip[32]:.3g}, group 64 {roundtrip[64]:.3g}")
+    del units
+
+    results: dict[str, dict] = {}
+    baseline_lp: dict[str, list[float]] = {}
+    baseline_out: dict[str, list[int]] = {}
+    for name in args.settings:
+        w, kv = SETTINGS[name]
+        policy = Policy(gpu_batch_size=args.batch, refill=False,
+                        compress_weights=Compression(bits=w[0], group_size=w[1]) if w else None,
+                        compress_kv=Compression(bits=kv[0], group_size=kv[1]) if kv else None)
+        eng = open_engine(args.model, device="cpu", dtype=args.dtype, policy=policy, tokenizer=tok)
+        t0 = time.perf_counter()
+        lp = engine_logprobs(eng, seqs, args.prefix, end_token)
+        res = {**nll_stats(lp), "ppl_seconds": round(time.perf_counter() - t0, 1)}
+        if name == "none":
+            baseline_lp = lp
+            res["ppl_vs_reference_rel"] = abs(res["ppl"] / ref["ppl"] - 1)
+            res["max_abs_dlogprob_vs_reference"] = max(abs(a - b) for k in lp for a, b in zip(lp[k], ref_lp[k]))
+        res["max_abs_dlogprob_vs_none"] = max(abs(a - b) for k in lp for a, b in zip(lp[k], baseline_lp[k]))
+        t0 = time.perf_counter()
+        outs: dict[str, list[int]] = {}
+        per_job = {}
+        for job, (reqs, sampling) in jobs.items():
+            got = {r.key: r.token_ids for r in eng.generate(reqs, sampling)}
+            outs.update(got)
+            if name == "none":
+                baseline_out.update(got)
+            per_job[job] = agreement({k: baseline_out[k] for k in got}, got)
+        if jobs:
+            res["jobs"] = per_job
+            res["all_jobs"] = agreement(baseline_out, outs)
+            res["jobs_seconds"] = round(time.perf_counter() - t0, 1)
+            res["generated_tokens"] = sum(map(len, outs.values()))
+        eng.close()
+        results[name] = res
+        print(f"  {name}: ppl {res['ppl']:.4f} ({res['ppl_seconds']} s)"
+              + (f", jobs {res['all_jobs']['identical']}/{res['all_jobs']['rows']} identical ({res['jobs_seconds']} s)"
+                 if jobs else ""), flush=True)
+
+    base = results["none"]["ppl"]
+    print()
+    print(f"{'setting':<12} {'perplexity':>10} {'Δ ppl':>7} {'max|Δlogp|':>10}  "
+          + (f"{'rows identical':>15} {'lead tokens':>11}  " + "  ".join(f"{j:>9}" for j in JOBS) if jobs else ""))
+    for name, r in results.items():
+        line = (f"{name:<12} {r['ppl']:>10.4f} {100 * (r['ppl'] / base - 1):>+6.2f}% "
+                f"{r['max_abs_dlogprob_vs_none']:>10.2g}  ")
+        if jobs:
+            a = r["all_jobs"]
+            line += (f"{a['identical']:>6}/{a['rows']:<3} {a['identical_share']:>4.0%} {a['lead_share']:>11.1%}  "
+                     + "  ".join(f"{r['jobs'][j]['identical']:>5}/{r['jobs'][j]['rows']:<3}" for j in JOBS))
+        print(line)
+    print(f"reference_logits (no cache, no schedule): perplexity {ref['ppl']:.4f}; the engine's uncompressed run "
+          f"differs by {results['none']['ppl_vs_reference_rel']:.2e} (relative), per-token log-probs by at most "
+          f"{results['none']['max_abs_dlogprob_vs_reference']:.2e}")
+    print(json.dumps({"benchmark": "compression_accuracy", "model": args.model, "dtype": args.dtype,
+                      "threads": torch.get_num_threads(), "prefix": args.prefix, "cap": args.max_new_tokens,
+                      "date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg()[0],
+                      "reference": ref, "weight_roundtrip_max_abs": roundtrip, "settings": results}))
+
+
+if __name__ == "__main__":
+    main()
