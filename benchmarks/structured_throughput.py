@@ -43,7 +43,8 @@ DOCS = REPO / "jobs" / "sample" / "docs.parquet"
 
 
 def engine_mode(rows: int, max_new_tokens: int, repeats: int, model: str | None = None, dummy: bool = False,
-                tokenizer: str | None = None, device: str | None = None, gpu_batch: int = 32, num_batches: int = 1) -> None:
+                tokenizer: str | None = None, device: str | None = None, gpu_batch: int = 32, num_batches: int = 1,
+                variants: tuple[str, ...] = ("schema", "none")) -> None:
     import dataclasses
 
     import jsonschema
@@ -70,15 +71,20 @@ def engine_mode(rows: int, max_new_tokens: int, repeats: int, model: str | None 
     requests = [Request(key=f"{p.key}#{i // len(prompts)}", prompt_ids=p.ids)
                 for i, p in zip(range(rows), prompts * (rows // len(prompts) + 1))]
     sampling = SamplingSettings(max_new_tokens=max_new_tokens)
-    grammar = Grammar(compile_constraint(spec.output.schema), engine.tokenizer, eos_ids=engine.tokenizer.eos_token_ids)
+    eos = engine.tokenizer.eos_token_ids
+    grammars = {"schema": Grammar(compile_constraint(spec.output.schema), engine.tokenizer, eos_ids=eos),
+                "schema-overlap": Grammar(compile_constraint(spec.output.schema), engine.tokenizer, eos_ids=eos, overlap=True),
+                "schema-inline": Grammar(compile_constraint(spec.output.schema), engine.tokenizer, eos_ids=eos, overlap=False)}
+    grammar = grammars["schema"]
     list(engine.generate(requests[:4], SamplingSettings(max_new_tokens=4), logits_hook=grammar.hook(4)))  # warm-up
-    runs: dict[str, list[float]] = {"schema": [], "none": []}
+    runs: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(repeats):
-        for variant in ("schema", "none"):
+        for variant in variants:
+            grammar = grammars.get(variant, grammar)
             before = dataclasses.replace(engine.stats)
             stats0 = dataclasses.replace(grammar.stats)
             t = time.perf_counter()
-            hook = grammar.hook(max_new_tokens) if variant == "schema" else None
+            hook = grammar.hook(max_new_tokens) if variant != "none" else None
             results = list(engine.generate(requests, sampling, logits_hook=hook))
             wall = time.perf_counter() - t
             s = engine.stats
@@ -87,7 +93,7 @@ def engine_mode(rows: int, max_new_tokens: int, repeats: int, model: str | None 
             g = grammar.stats
             runs[variant].append(tokens / secs)
             valid = None
-            if variant == "schema" and dummy:  # the engine ignores EOS with dummy weights: cut there, validate
+            if variant != "none" and dummy:  # the engine ignores EOS with dummy weights: cut there, validate
                 valid = 0
                 for r in results:
                     ids = r.token_ids[:r.token_ids.index(eos)] if (eos := engine.tokenizer.eos_token_ids[0]) in r.token_ids else None
@@ -102,7 +108,7 @@ def engine_mode(rows: int, max_new_tokens: int, repeats: int, model: str | None 
                 **({"ended_and_valid": valid} if valid is not None else {}),
                 **({"mask_worker_s": round(g.worker_s - stats0.worker_s, 3), "mask_wait_s": round(g.wait_s - stats0.wait_s, 3),
                     "mask_apply_s": round(g.apply_s - stats0.apply_s, 3), "masked_rows": g.rows - stats0.rows}
-                   if variant == "schema" else {}),
+                   if variant != "none" else {}),
             }), flush=True)
     if dummy:  # random weights rarely close extract.yaml's strings: check the device path on classify.yaml's
         schema = load_spec(REPO / "jobs" / "classify.yaml").output.schema
@@ -137,8 +143,8 @@ def cli_mode(limit: int, repeats: int) -> None:
             from corpusgen.manifest import connect_sql
 
             con = connect_sql(out)
-            run = con.sql("SELECT rows, gen_tokens, seconds, engine_seconds, load_seconds FROM runs").fetchone()
-            statuses = dict(con.sql("SELECT status, count(*) FROM outputs GROUP BY 1").fetchall())
+            run = con.execute("SELECT rows, gen_tokens, seconds, engine_seconds, load_seconds FROM runs").fetchall()[0]
+            statuses = dict(con.execute("SELECT status, count(*) FROM outputs GROUP BY 1").fetchall())
             rows_, tokens, seconds, engine_s, load_s = run
             runs[variant].append(tokens / engine_s)
             print(json.dumps({"variant": variant, "repeat": i, "rows": rows_, "tokens": tokens,
@@ -156,9 +162,8 @@ def _threads() -> int:
 
 def _summary(runs: dict[str, list[float]], **extra) -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
-    print(json.dumps({"summary": True, **extra, "tokens_per_s_schema": round(med["schema"], 3),
-                      "tokens_per_s_none": round(med["none"], 3),
-                      "schema_vs_none": round(med["schema"] / med["none"] - 1, 4),
+    print(json.dumps({"summary": True, **extra, **{f"tokens_per_s_{k}": round(v, 3) for k, v in med.items()},
+                      **{f"{k}_vs_none": round(v / med["none"] - 1, 4) for k, v in med.items() if k != "none"},
                       "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
                       "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
 
@@ -176,12 +181,15 @@ def main() -> None:
     e.add_argument("--device", choices=["cpu", "cuda"])
     e.add_argument("--gpu-batch", type=int, default=32)
     e.add_argument("--num-batches", type=int, default=1)
+    e.add_argument("--variants", default="schema,none",
+                   help="comma list of schema (auto overlap), schema-overlap, schema-inline, none")
     c = sub.add_parser("cli")
     c.add_argument("--limit", type=int, default=12)
     c.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
     if a.mode == "engine":
-        engine_mode(a.rows, a.max_new_tokens, a.repeats, a.model, a.dummy, a.tokenizer, a.device, a.gpu_batch, a.num_batches)
+        engine_mode(a.rows, a.max_new_tokens, a.repeats, a.model, a.dummy, a.tokenizer, a.device, a.gpu_batch, a.num_batches,
+                    tuple(a.variants.split(",")))
     else:
         cli_mode(a.limit, a.repeats)
 

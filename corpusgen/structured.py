@@ -14,12 +14,15 @@ The hook (the engine's logits-hook protocol, corpusgen.engine.schedule ``_sample
                       advance(keys, tokens)   hand the tokens to the mask worker and return at once
     worker:           consume the tokens (one matcher per row), fill the bitmasks of step t + 1
 
-The worker is one thread per job driving llguidance's parallel executor (which drops the GIL), so
-the masks of step t + 1 are computed while the device runs step t + 1's layer loop; ``mask`` only
-waits when the CPU is slower than the model. Bitmasks are int32 words (bit j of word w is token
-32w + j), written into pinned host memory when the logits live on a GPU, copied with one transfer
-and turned there into -inf biases in one vectorised op. Rows that have finished get no mask (their tokens are
-ignored); a matcher that fails (a resource limit of the grammar engine) allows only EOS, so its
+The worker is one thread per process driving llguidance's parallel executor (which drops the GIL),
+so on a GPU the masks of step t + 1 are computed while the device runs step t + 1's layer loop;
+``mask`` only waits when the CPU is slower than the model. When the model itself runs on the CPU
+there is nothing to overlap with — a worker would only take cores from the model's threads, and an
+OpenMP region waits for its slowest thread — so ``mask`` fills the bitmasks itself, on the
+executor's threads, while the model is between steps (``overlap`` overrides this choice).
+Bitmasks are int32 words (bit j of word w is token 32w + j), written into pinned host memory when
+the logits live on a GPU, copied with one transfer and turned there into -inf biases in one
+vectorised op. Rows that have finished get no mask (their tokens are ignored); a matcher that fails (a resource limit of the grammar engine) allows only EOS, so its
 row ends and the runner reports the failure. When a matcher is accepting, llguidance allows the
 EOS tokens (we give it the engine's), so a complete answer ends with finish reason ``eos``.
 Logit columns beyond the tokenizer's vocabulary (padding rows of the embedding) are masked out.
@@ -137,7 +140,8 @@ class Grammar:
     ``eos_ids`` are the tokens that end a row in the engine; an accepting matcher allows them all.
     """
 
-    def __init__(self, constraint: Constraint, tokenizer: Any, *, eos_ids: Sequence[int], threads: int | None = None):
+    def __init__(self, constraint: Constraint, tokenizer: Any, *, eos_ids: Sequence[int], threads: int | None = None,
+                 overlap: bool | None = None):
         hf = getattr(tokenizer, "hf", None)
         if hf is None or not eos_ids:
             raise ModelError(f"constrained decoding needs a Hugging Face fast tokenizer with an EOS token; "
@@ -162,6 +166,8 @@ class Grammar:
         # with the thread that drives the model (and, on a CPU-only machine, with the model itself)
         self.executor = LLExecutor(threads or max(1, min(4, (os.cpu_count() or 2) // 4)))
         self.worker = _worker()
+        self.overlap = overlap
+        """Compute masks on the worker thread while the model runs: None = when the logits are on a GPU."""
         self.stats = MaskStats()
         self.errors: dict[str, str] = {}
         """Row key → why its matcher failed (taken by the runner with :meth:`pop_error`)."""
@@ -235,10 +241,12 @@ class MaskHook:
         self.rows: dict[str, _Row] = {}
         self.pending: dict[str, Future] = {}  # key → the worker step that holds its next mask
         self.pin = False
+        self.overlap = bool(grammar.overlap)
 
     def mask(self, keys: Sequence[str], logits: torch.Tensor) -> torch.Tensor:
         """Restrict ``logits`` (rows, vocab) fp32 of these rows to the tokens their grammar allows."""
         self.pin = logits.is_cuda
+        self.overlap = self.g.overlap if self.g.overlap is not None else logits.is_cuda
         t0 = time.perf_counter()
         bits = self._bits(tuple(keys))
         t1 = time.perf_counter()
@@ -258,7 +266,7 @@ class MaskHook:
         # allocated here, filled there: the worker makes no torch calls (their intra-op thread pool is
         # the model's, and a pinned allocation may synchronise the device)
         bits = torch.empty((len(keys), self.g.words), dtype=torch.int32, pin_memory=self.pin)
-        fut = self.g.worker.submit(self._step, keys, ids, bits)
+        fut = self.g.worker.submit(self._step, keys, ids, bits) if self.overlap else _Later(self._step, keys, ids, bits)
         for k in keys:
             self.pending[k] = fut
 
@@ -317,6 +325,18 @@ class MaskHook:
         out[i] = self.g.eos_only_np
         with self.g._lock:
             self.g.errors.setdefault(key, _first([m.get_error()]))
+
+
+class _Later:
+    """A step run by ``mask`` itself when it needs it (no overlap: the model runs on the CPU)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args, self.value = fn, args, None
+
+    def result(self):
+        if self.value is None:
+            self.value = self.fn(*self.args)
+        return self.value
 
 
 _BIAS: dict[torch.device, torch.Tensor] = {}

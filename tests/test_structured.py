@@ -164,8 +164,8 @@ def _engine(tiny, policy: Policy | None = None):
                        policy=policy or Policy(gpu_batch_size=3, num_gpu_batches=2))
 
 
-def _generate(engine, tok, constraint, n_rows=6, max_new_tokens=48, temperature=1.0, seed=0):
-    g = Grammar(constraint, tok, eos_ids=tok.eos_token_ids)
+def _generate(engine, tok, constraint, n_rows=6, max_new_tokens=48, temperature=1.0, seed=0, overlap=None):
+    g = Grammar(constraint, tok, eos_ids=tok.eos_token_ids, overlap=overlap)
     reqs = [Request(key=f"row-{seed}-{i}", prompt_ids=tok.encode(f"Answer {i}: " + "word " * (i % 4)))
             for i in range(n_rows)]
     s = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
@@ -225,7 +225,8 @@ EDGE_SCHEMAS = {
 def test_random_and_edge_schemas_only_produce_valid_answers(tiny):
     """The guarantee of the issue: on a model with random weights, every answer that ends (EOS)
     validates against its schema; every other row ran out of tokens and is reported as such.
-    Sampled at temperature 1 so rows differ; batches of 3, two per block, with refill."""
+    Sampled at temperature 1 so rows differ; batches of 3, two per block, with refill; masks computed
+    inline (the CPU default) and on the worker thread (the GPU default), alternately."""
     tok, _ = tiny
     engine = _engine(tiny)
     rng = random.Random(1234)
@@ -234,7 +235,7 @@ def test_random_and_edge_schemas_only_produce_valid_answers(tiny):
                                                   "required": ["p0"]} for i in range(6)}}
     ended = 0
     for n, (name, schema) in enumerate(schemas.items()):
-        results, g = _generate(engine, tok, compile_constraint(schema), seed=n)
+        results, g = _generate(engine, tok, compile_constraint(schema), seed=n, overlap=n % 2 == 1)
         assert len(results) == 6 and not g.errors, (name, g.errors)
         for r in results:
             assert r.finish_reason in ("eos", "length"), (name, r)
@@ -259,12 +260,12 @@ def test_labels_and_regex_constrain_the_text(tiny):
     engine = _engine(tiny, Policy(gpu_batch_size=2, num_gpu_batches=2, weights=Placement(gpu=0.0, cpu=1.0),
                                   kv_cache=Placement(gpu=0.0, cpu=1.0), cpu_attention=True))
     labels = ["billing", "bug_report", "other", "other_request"]
-    results, _ = _generate(engine, tok, compile_constraint({"enum": labels}), temperature=0.0)
+    results, _ = _generate(engine, tok, compile_constraint({"enum": labels}), temperature=0.0, overlap=True)
     assert all(r.finish_reason == "eos" and r.text in labels for r in results), results
     import re
 
     results, _ = _generate(engine, tok, compile_constraint(regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}( [a-z]{2,5})?"),
-                           temperature=1.0)
+                           temperature=1.0, overlap=True)
     for r in results:
         assert r.finish_reason == "eos" and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}( [a-z]{2,5})?", r.text), r
 
@@ -274,7 +275,7 @@ def test_hook_follows_rows_when_batches_change(tiny):
     """Rows are tracked by key: a batch compacted between steps (a subset of its keys) and a batch
     of new rows (refill) get the right masks; vocabulary padding of the logits is masked."""
     tok, _ = tiny
-    g = Grammar(compile_constraint({"enum": ["yes", "no"]}), tok, eos_ids=tok.eos_token_ids)
+    g = Grammar(compile_constraint({"enum": ["yes", "no"]}), tok, eos_ids=tok.eos_token_ids, overlap=True)
     hook = g.hook(8)
     yes, no = tok.encode("yes", add_special_tokens=False), tok.encode("no", add_special_tokens=False)
     assert len(yes) == len(no) == 1
