@@ -13,6 +13,7 @@ Prints one JSON line per (library, case) and a coverage table of JSON Schema key
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -24,8 +25,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from corpusgen.engine.tokenizer import load_tokenizer  # noqa: E402
-from corpusgen.engine.weights import default_model_path  # noqa: E402
+from corpusgen.engine.tokenizer import load_tokenizer
+from corpusgen.engine.weights import default_model_path
 
 EXTRACT = yaml.safe_load((REPO / "jobs/extract.yaml").read_text())["output"]["schema"]
 CLASSIFY = yaml.safe_load((REPO / "jobs/classify.yaml").read_text())["output"]["schema"]
@@ -42,12 +43,12 @@ NESTED = {
     },
 }
 CASES = {
-    "extract.yaml": ("json", EXTRACT, '{"name": "numpy", "language": "Python", "license": "BSD-3-Clause", '
-                                      '"kind": "library"}'),
+    "extract.yaml": ("json", EXTRACT, ('{"name": "numpy", "language": "Python", "license": "BSD-3-Clause", '
+                                       '"kind": "library"}')),
     "classify.yaml": ("json", CLASSIFY, '{"category": "bug_report"}'),
-    "nested": ("json", NESTED, '{"title": "Attention is all you need", "authors": [{"name": "Ashish Vaswani", '
-                               '"email": null}, {"name": "Noam Shazeer"}], "year": 2017, "scores": [0.9, 12.5], '
-                               '"open_access": true}'),
+    "nested": ("json", NESTED, ('{"title": "Attention is all you need", "authors": [{"name": "Ashish Vaswani", '
+                                '"email": null}, {"name": "Noam Shazeer"}], "year": 2017, "scores": [0.9, 12.5], '
+                                '"open_access": true}')),
     "labels (enum-only)": ("choice", ["billing", "account_access", "bug_report", "feature_request", "other_request",
                                       "software_package", "research_paper", "other"], "feature_request"),
     "regex (date)": ("regex", r"[0-9]{4}-[0-9]{2}-[0-9]{2}", "2024-06-30"),
@@ -204,10 +205,10 @@ def main() -> None:
         print(json.dumps({"library": lib.name, "version": lib.version, "tokenizer_s": round(lib.tokenizer_s, 3)}))
         for case, (kind, spec, answer) in CASES.items():
             ids = tok.encode(answer, add_special_tokens=False)
-            compile_us = _best_us(lambda: lib.compile(kind, spec))
+            compile_us = _best_us(functools.partial(lib.compile, kind, spec))
             compiled = lib.compile(kind, spec)
-            walk_us = _best_us(lambda: lib.walk(compiled, ids))
-            batch_us = _best_us(lambda: lib.walk_batch(compiled, ids, 32))
+            walk_us = _best_us(functools.partial(lib.walk, compiled, ids))
+            batch_us = _best_us(functools.partial(lib.walk_batch, compiled, ids, 32))
             print(json.dumps({"library": lib.name, "case": case, "tokens": len(ids), "compile_us": round(compile_us),
                               "mask_us_per_token": round(walk_us / len(ids), 1),
                               "batch32_us_per_row_token": round(batch_us / len(ids) / 32, 1)}))

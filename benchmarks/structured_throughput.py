@@ -14,6 +14,9 @@ the difference is the constraint's cost alone. Also prints the mask worker's fig
 With ``--dummy`` (random weights of ``--model``'s shape, whose EOS the engine ignores) every
 answer is cut at its first EOS token and validated: the masks were applied correctly on the device.
 
+With ``--threads 1`` the model and the inline masks run on the main thread alone, and its CPU time
+(``main_thread_cpu_s``) measures the work whatever else loads the machine.
+
 ``cli``: ``corpusgen run`` end to end, back to back, with jobs/extract.yaml and with the same job
 without ``output.schema`` (same rows via ``--limit``, same max_new_tokens 96). Answers differ in
 length between the variants (rows end at their own EOS), so tokens/s also moves with how many rows
@@ -51,13 +54,12 @@ def engine_mode(rows: int, max_new_tokens: int, repeats: int, model: str | None 
 
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import open_engine
+    from corpusgen.engine.tokenizer import load_tokenizer
     from corpusgen.policy.policy import Policy
     from corpusgen.prompts import PromptBuilder
     from corpusgen.readers import batch_records, open_input
     from corpusgen.spec import load_spec, with_overrides
     from corpusgen.structured import Grammar, compile_constraint
-
-    from corpusgen.engine.tokenizer import load_tokenizer
 
     spec = with_overrides(load_spec(JOB), input=str(DOCS))
     engine = open_engine(model or spec.model, dummy=dummy, device=device, tokenizer=load_tokenizer(tokenizer) if tokenizer else None,
@@ -78,20 +80,22 @@ def engine_mode(rows: int, max_new_tokens: int, repeats: int, model: str | None 
     grammar = grammars["schema"]
     list(engine.generate(requests[:4], SamplingSettings(max_new_tokens=4), logits_hook=grammar.hook(4)))  # warm-up
     runs: dict[str, list[float]] = {v: [] for v in variants}
+    cpus: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(repeats):
         for variant in variants:
             grammar = grammars.get(variant, grammar)
             before = dataclasses.replace(engine.stats)
             stats0 = dataclasses.replace(grammar.stats)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.thread_time()
             hook = grammar.hook(max_new_tokens) if variant != "none" else None
             results = list(engine.generate(requests, sampling, logits_hook=hook))
-            wall = time.perf_counter() - t
+            wall, cpu = time.perf_counter() - t, time.thread_time() - cpu
             s = engine.stats
             tokens = s.generated_tokens - before.generated_tokens
             secs = (s.prefill_seconds - before.prefill_seconds) + (s.decode_seconds - before.decode_seconds)
             g = grammar.stats
             runs[variant].append(tokens / secs)
+            cpus[variant].append(cpu)
             valid = None
             if variant != "none" and dummy:  # the engine ignores EOS with dummy weights: cut there, validate
                 valid = 0
@@ -104,7 +108,7 @@ def engine_mode(rows: int, max_new_tokens: int, repeats: int, model: str | None 
                 "variant": variant, "repeat": i, "rows": len(results), "tokens": tokens, "tokens_per_s": round(tokens / secs, 3),
                 "prefill_s": round(s.prefill_seconds - before.prefill_seconds, 2),
                 "decode_s": round(s.decode_seconds - before.decode_seconds, 2), "wall_s": round(wall, 2),
-                "finish": sorted({r.finish_reason for r in results}), "device": str(engine.device),
+                "main_thread_cpu_s": round(cpu, 2), "finish": sorted({r.finish_reason for r in results}), "device": str(engine.device),
                 **({"ended_and_valid": valid} if valid is not None else {}),
                 **({"mask_worker_s": round(g.worker_s - stats0.worker_s, 3), "mask_wait_s": round(g.wait_s - stats0.wait_s, 3),
                     "mask_apply_s": round(g.apply_s - stats0.apply_s, 3), "masked_rows": g.rows - stats0.rows}
@@ -121,7 +125,8 @@ def engine_mode(rows: int, max_new_tokens: int, repeats: int, model: str | None 
             ok += 1
         print(json.dumps({"device_check": "classify.yaml", "rows": len(requests), "ended_and_valid": ok}))
     _summary(runs, mode="engine", rows=rows, max_new_tokens=max_new_tokens, threads=_threads(), model=engine.config.name,
-             dummy=dummy, policy=f"{gpu_batch}x{num_batches}")
+             dummy=dummy, policy=f"{gpu_batch}x{num_batches}",
+             **{f"main_thread_cpu_s_{k}": round(statistics.median(v), 2) for k, v in cpus.items()})
 
 
 def cli_mode(limit: int, repeats: int) -> None:
@@ -181,6 +186,8 @@ def main() -> None:
     e.add_argument("--device", choices=["cpu", "cuda"])
     e.add_argument("--gpu-batch", type=int, default=32)
     e.add_argument("--num-batches", type=int, default=1)
+    e.add_argument("--threads", type=int, help="torch threads (1: all the work on this thread, so its CPU "
+                   "time, main_thread_cpu_s, is the work done whatever else loads the machine)")
     e.add_argument("--variants", default="schema,none",
                    help="comma list of schema (auto overlap), schema-overlap, schema-inline, none")
     c = sub.add_parser("cli")
@@ -188,6 +195,10 @@ def main() -> None:
     c.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
     if a.mode == "engine":
+        if a.threads:
+            import torch
+
+            torch.set_num_threads(a.threads)
         engine_mode(a.rows, a.max_new_tokens, a.repeats, a.model, a.dummy, a.tokenizer, a.device, a.gpu_batch, a.num_batches,
                     tuple(a.variants.split(",")))
     else:

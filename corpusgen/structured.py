@@ -37,8 +37,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
@@ -127,9 +128,9 @@ class MaskStats:
     rows: int = 0
     """Row masks computed."""
     worker_s: float = 0.0
-    """Worker time: consuming tokens and filling bitmasks (overlaps the model)."""
+    """Mask steps: consuming tokens and filling bitmasks (on the worker, overlapping the model, or inline)."""
     wait_s: float = 0.0
-    """Time ``mask`` waited for the worker (what the overlap did not hide)."""
+    """Time ``mask`` waited for its bitmasks (what the overlap did not hide; inline: the whole step)."""
     apply_s: float = 0.0
     """Time ``mask`` spent copying and applying bitmasks."""
 
@@ -173,7 +174,7 @@ class Grammar:
         """Row key → why its matcher failed (taken by the runner with :meth:`pop_error`)."""
         self._lock = threading.Lock()
 
-    def hook(self, max_new_tokens: int) -> "MaskHook":
+    def hook(self, max_new_tokens: int) -> MaskHook:
         """A hook for one ``engine.generate`` call (fresh matchers for its rows). Calls run one after
         the other, so errors of an earlier call (rows it ran again after an out-of-memory split, say)
         are dropped."""
@@ -196,17 +197,18 @@ def _worker() -> ThreadPoolExecutor:
     return _WORKER[0]
 
 
-_LLTOKENIZERS: dict[tuple[int, tuple[int, ...]], LLTokenizer] = {}
+_LLTOKENIZERS: dict[tuple[int, tuple[int, ...]], tuple[Any, LLTokenizer]] = {}
 
 
 def _lltokenizer(hf: Any, eos: tuple[int, ...]) -> LLTokenizer:
-    # about a second to build for a 50k vocabulary: once per tokenizer and EOS set
+    # about a second to build for a 50k vocabulary: once per tokenizer and EOS set (the entry keeps
+    # the HF tokenizer alive, so its id is not reused by another)
     key = (id(hf), eos)
-    if key not in _LLTOKENIZERS:
+    if key not in _LLTOKENIZERS or _LLTOKENIZERS[key][0] is not hf:
         import llguidance.hf
 
-        _LLTOKENIZERS[key] = llguidance.hf.from_tokenizer(hf, eos_token=list(eos))
-    return _LLTOKENIZERS[key]
+        _LLTOKENIZERS[key] = (hf, llguidance.hf.from_tokenizer(hf, eos_token=list(eos)))
+    return _LLTOKENIZERS[key][1]
 
 
 def _bit(j: int) -> int:

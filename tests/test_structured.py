@@ -342,8 +342,8 @@ def test_statuses_and_typed_columns_round_trip(tiny, tmp_path):
         assert r["out_tags"] == value.get("tags") and r["out_who"] == (
             None if "who" not in value else {"ok": value["who"].get("ok")})
         assert json.loads(r["text"]) == value  # the raw text is the answer itself
-    res = CliRunner().invoke(cli, ["sql", str(out), "SELECT out_kind, count(*) AS n FROM outputs WHERE status = 'ok' "
-                                                    "GROUP BY 1 ORDER BY 1", "--format", "json"])
+    query = "SELECT out_kind, count(*) AS n FROM outputs WHERE status = 'ok' GROUP BY 1 ORDER BY 1"
+    res = CliRunner().invoke(cli, ["sql", str(out), query, "--format", "json"])
     assert res.exit_code == 0, res.output
     counts = {d["out_kind"]: d["n"] for d in json.loads(res.output)}
     assert sum(counts.values()) == len(ok)
