@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import importlib.util
 import inspect
 import json
 import os
-import signal
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from corpusgen.columns import describe as describe_columns
-from corpusgen.columns import typed_fields, typed_values
-from corpusgen.engine.api import Request, Result
+from corpusgen.engine.api import Request
 from corpusgen.errors import CorpusgenError, LockedError, ModelError, ResumeMismatch
 from corpusgen.events import (Event, JobFinished, JobStarted, JobWarning, RateWindow, RowsCommitted,
                               RunSummary)
@@ -43,6 +38,10 @@ from corpusgen.ranks import Ranks, StartGroup
 from corpusgen.readers import RowBatch, batch_records, open_input
 from corpusgen.spec import JobSpec, changed_fields, fingerprint_of, with_overrides
 from corpusgen.writer import OutputRow, output_schema, write_json_atomic, write_part
+from corpusgen.answers import RowMaker as _RowMaker
+from corpusgen.answers import answer_format as _answer_format
+from corpusgen.answers import bind_grammar as _grammar
+from corpusgen.safety import free_memory, is_oom, signals_as_interrupt, uninterrupted
 
 FAKE_ENGINE_ENV = "CORPUSGEN_FAKE_ENGINE"
 DEFAULT_BLOCK = 32
@@ -106,109 +105,6 @@ def _block_size(engine: Any) -> int:
     return int(size or DEFAULT_BLOCK)
 
 
-def _strip_fence(text: str) -> str:
-    t = text.strip()
-    if t.startswith("```") and t.endswith("```") and len(t) >= 6:
-        t = t[3:-3]
-        t = t[t.index("\n") + 1:] if "\n" in t else t  # drop a language tag such as ```json
-    return t.strip()
-
-
-class _RowMaker:
-    """Engine results → output rows (status mapping, parsing and validation of the answer, typed
-    values). Never repairs: a cut answer is ``truncated``, an answer that does not validate is
-    ``schema_invalid``, and both keep the raw text."""
-
-    def __init__(self, schema: Any, run_id: str, *, regex: str | None = None, labels: Sequence[str] | None = None,
-                 typed: Sequence[Any] = (), grammar: Any = None):
-        self.run_id = run_id
-        self.validator = None
-        if schema is not None:
-            import jsonschema
-
-            self.validator = jsonschema.validators.validator_for(schema)(schema)
-        self.labels = frozenset(labels) if labels else None  # an enum-only schema: the answer is a bare label
-        self.regex = _python_regex(regex)
-        self.typed = typed
-        self.grammar = grammar  # corpusgen.structured.Grammar when decoding is constrained
-
-    def decided(self, p: Prompt) -> OutputRow:
-        return OutputRow(key=p.key, status=p.status, error=p.error, prompt_tokens=p.prompt_tokens,
-                         run_id=self.run_id)
-
-    def from_result(self, r: Result, p: Prompt) -> OutputRow:
-        base = dict(key=r.key, text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
-                    gen_tokens=len(r.token_ids), prompt_cut=p.cut_tokens, run_id=self.run_id)
-        failed = self.grammar.pop_error(r.key) if self.grammar is not None else None
-        if r.error is not None or r.finish_reason == "error":
-            return OutputRow(status="error", error=r.error or "engine error", **base)
-        if r.finish_reason == "length":
-            # never repaired: a cut answer is reported as such, with or without a schema
-            return OutputRow(status="truncated", **base)
-        why = f"constrained decoding failed ({failed}); " if failed else ""
-        if self.regex is not None and not self.regex.fullmatch(r.text):
-            return OutputRow(status="schema_invalid", error=f"{why}does not match output.regex", **base)
-        if self.validator is None:
-            return OutputRow(status="ok", **base)
-        try:
-            value = self._value(r.text)
-        except ValueError as e:
-            return OutputRow(status="schema_invalid", error=f"{why}not JSON: {e}", **base)
-        err = next(iter(self.validator.iter_errors(value)), None)
-        if err is not None:
-            where = "/".join(str(x) for x in err.absolute_path) or "(root)"
-            return OutputRow(status="schema_invalid", error=f"{why}{where}: {err.message}", **base)
-        typed, problems = typed_values(value, self.typed)
-        return OutputRow(status="ok", json=json.dumps(value, ensure_ascii=False, separators=(",", ":")),
-                         typed=typed, error="; ".join(problems) or None, **base)
-
-    def _value(self, text: str) -> Any:
-        if self.labels is not None and text.strip() in self.labels:
-            return text.strip()
-        return json.loads(_strip_fence(text))
-
-
-def _python_regex(regex: str | None):
-    """``output.regex`` for re-checking answers; None when Python's ``re`` cannot read the pattern
-    (llguidance's Rust syntax is a little different: the constraint alone then guarantees it)."""
-    if regex is None:
-        return None
-    import re
-
-    try:
-        return re.compile(regex)
-    except re.error:
-        return None
-
-
-def _answer_format(spec: JobSpec):
-    """The constraint and typed columns of ``spec.output``, checked before the engine loads."""
-    if spec.output.schema is None and spec.output.regex is None:
-        return None, []
-    from corpusgen.structured import compile_constraint
-
-    return compile_constraint(spec.output.schema, spec.output.regex), typed_fields(spec.output.schema)
-
-
-def _grammar(constraint: Any, engine: Any, emit) -> Any:
-    """The constraint bound to the engine's tokenizer, or None (no constraint, or a tokenizer that
-    cannot constrain: then answers are only validated, and a warning says so)."""
-    if constraint is None:
-        return None
-    for note in constraint.notes:
-        emit(JobWarning(message=f"output.schema: constrained decoding is looser than the schema ({note}); "
-                                "answers are still validated, rows that break it are schema_invalid"))
-    tok = engine.tokenizer
-    eos = tuple(getattr(tok, "eos_token_ids", ()) or ()) or tuple(getattr(engine.config, "eos_token_ids", ()) or ())
-    if getattr(tok, "hf", None) is None or not eos:
-        emit(JobWarning(message=f"{getattr(tok, 'name', type(tok).__name__)}: this tokenizer cannot drive "
-                                "constrained decoding; answers are validated only"))
-        return None
-    from corpusgen.structured import Grammar
-
-    return Grammar(constraint, tok, eos_ids=eos)
-
-
 def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str | Path | None = None,
             limit: int | None = None, restart: bool = False, policy: Any = None, dummy: bool = False,
             engine_factory: Callable[..., Any] | None = None, on_event: Callable[[Event], None] | None = None,
@@ -262,7 +158,7 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
                                 "is unset (each rank assumes most of it); set it to at most 1/"
                                 f"{ranks.local_world} of the host's memory"))
 
-    with StartGroup(ranks) as group, _signals_as_interrupt(), contextlib.ExitStack() as locks:
+    with StartGroup(ranks) as group, signals_as_interrupt(), contextlib.ExitStack() as locks:
         def prepare() -> tuple[str | None, list[str]]:
             prepare_dir(out)
             locks.enter_context(OutputLock(out))  # rank 0 (or the single process) holds DIR's lock to the end
@@ -323,28 +219,6 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
                 m.close()
             if engine is not None and hasattr(engine, "close"):
                 engine.close()
-
-
-def _is_oom(e: BaseException) -> bool:
-    """A failed CUDA or host allocation: torch.OutOfMemoryError, MemoryError, "... out of memory"."""
-    if isinstance(e, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
-    if oom is not None and isinstance(e, oom):
-        return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-
-
-def _free_memory() -> None:
-    """Give memory back after an out-of-memory error, before the smaller retry (a full collection
-    only with CUDA in use: it costs tens of milliseconds in a big process)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        gc.collect()
-        torch.cuda.empty_cache()
-    else:
-        gc.collect(1)
 
 
 def _prepare_output(out: Path, ranks: Ranks, *, restart: bool, fingerprint: str, fields: dict[str, Any],
@@ -418,48 +292,6 @@ def _owned(batch: RowBatch, ranks: Ranks) -> RowBatch:
         return batch
     return RowBatch(keys=[batch.keys[i] for i in keep], rows=batch.rows.take(keep),
                     problems=[batch.problems[i] for i in keep])
-
-
-class _signals_as_interrupt:
-    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while a job runs — but not
-    inside a commit (:func:`_uninterrupted`), which finishes first: a stop never leaves half of one."""
-
-    deferring = False
-    pending: int | None = None
-
-    def __enter__(self):
-        self.old: dict[int, Any] = {}
-        type(self).pending = None
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup'ed: stay deaf to it
-                    self.old[sig] = signal.signal(sig, self._raise)
-        return self
-
-    @classmethod
-    def _raise(cls, signum, frame):
-        if cls.deferring:
-            cls.pending = signum
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def __exit__(self, *exc):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
-
-
-@contextlib.contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """A stop signal arriving inside this block is raised (as KeyboardInterrupt) at its end."""
-    flags = _signals_as_interrupt
-    outer, flags.deferring = flags.deferring, True
-    try:
-        yield
-    finally:
-        flags.deferring = outer
-    if not outer and flags.pending is not None:
-        signum, flags.pending = flags.pending, None
-        raise KeyboardInterrupt(f"signal {signum}")
 
 
 class _Run:
@@ -602,7 +434,7 @@ class _Run:
                 self._add(OutputRow(key=key, status="error", error="the engine returned no result for this row",
                                     prompt_tokens=prompt.prompt_tokens, run_id=self.run_id))
             return
-        _free_memory()
+        free_memory()
         rest = list(block.values())
         if len(prompts) == 1:
             p = rest[0]
@@ -634,7 +466,7 @@ class _Run:
                 except StopIteration:
                     return None
                 except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
-                    if not _is_oom(e):
+                    if not is_oom(e):
                         raise
                     return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 finally:
@@ -654,7 +486,7 @@ class _Run:
 
     def _commit(self) -> None:
         rows, self.buffer = self.buffer, []
-        with _uninterrupted():  # Ctrl-C or SIGTERM here takes effect once the part is committed
+        with uninterrupted():  # Ctrl-C or SIGTERM here takes effect once the part is committed
             info = write_part(self.out, self.next_part, rows, self.schema)
             self.manifest.commit_part(info, [r.key for r in rows], self.run_id)
         self.next_part += 1

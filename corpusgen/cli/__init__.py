@@ -92,7 +92,7 @@ def run(job: str, input_path: str | None, table: str | None, query: str | None, 
         output: str | None, restart: bool, policy: str | None, device: str | None, dummy: bool) -> None:
     """Run JOB.yaml over its input; a second run on the same output directory resumes."""
     from corpusgen.events import JobStarted
-    from corpusgen.progress import Reporter, summary_line
+    from corpusgen.cli.progress import Reporter, summary_line
     from corpusgen.runner import run_job
     from corpusgen.spec import load_spec, with_overrides
 
@@ -151,7 +151,7 @@ def status(directory: str, as_json: bool) -> None:
         return
     from rich.table import Table
 
-    from corpusgen.progress import fmt_seconds, fmt_statuses
+    from corpusgen.cli.progress import fmt_seconds, fmt_statuses
 
     lock = st["lock"] or {}
     holder = ""
@@ -416,7 +416,7 @@ def _render_plan(console: Any, report: Any) -> None:
     """The plan as people read it: inputs, policy, predicted throughput, memory per tier, ETA."""
     from rich.table import Table
 
-    from corpusgen.progress import fmt_seconds
+    from corpusgen.cli.progress import fmt_seconds
 
     p, pol, r = report.plan, report.policy, report.plan.placement
     n = r.num_layers
