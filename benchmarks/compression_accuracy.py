@@ -48,8 +48,9 @@ SETTINGS = {  # name -> (compress_weights, compress_kv) as (bits, group_size)
     "kv4 g64": (None, (4, 64)),
     "w4+kv4 g64": ((4, 64), (4, 64)),
     "w4 g32": ((4, 32), None),
-    # Not run by default; diagnostics for the KV cache (--settings none "kv4 g32" "kv8 g64" --skip-jobs).
+    # Not run by default; diagnostics for the KV cache (--settings none "kv4 g32" ... --skip-jobs).
     "kv4 g32": (None, (4, 32)),
+    "kv4 g16": (None, (4, 16)),
     "kv8 g64": (None, (8, 64)),
 }
 DEFAULT_SETTINGS = ("none", "w4 g64", "kv4 g64", "w4+kv4 g64", "w4 g32")
