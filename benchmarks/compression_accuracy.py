@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16, help="gpu_batch_size (rows per batch)")
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
     ap.add_argument("--skip-jobs", action="store_true", help="perplexity only")
+    ap.add_argument("--save-outputs", type=Path, help="write every row's greedy tokens and text here (JSON)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     assert args.settings[0] == "none", "the first setting is the baseline and must be 'none'"
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict] = {}
     baseline_lp: dict[str, list[float]] = {}
     baseline_out: dict[str, list[int]] = {}
+    texts: dict[str, dict[str, str]] = {name: {} for name in args.settings}
+    saved: dict[str, dict[str, list[int]]] = {}
     for name in args.settings:
         w, kv = SETTINGS[name]
         policy = Policy(gpu_batch_size=args.batch, refill=False,
@@ -245,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         outs: dict[str, list[int]] = {}
         per_job = {}
         for job, (reqs, sampling) in jobs.items():
-            got = {r.key: r.token_ids for r in eng.generate(reqs, sampling)}
+            done = list(eng.generate(reqs, sampling))
+            got = {r.key: r.token_ids for r in done}
+            texts[name].update({r.key: r.text for r in done})
             outs.update(got)
             if name == "none":
                 baseline_out.update(got)
@@ -256,11 +261,15 @@ def main(argv: list[str] | None = None) -> None:
             res["jobs_seconds"] = round(time.perf_counter() - t0, 1)
             res["generated_tokens"] = sum(map(len, outs.values()))
         eng.close()
+        saved[name] = outs
         results[name] = res
         print(f"  {name}: ppl {res['ppl']:.4f} ({res['ppl_seconds']} s)"
               + (f", jobs {res['all_jobs']['identical']}/{res['all_jobs']['rows']} identical ({res['jobs_seconds']} s)"
                  if jobs else ""), flush=True)
 
+    if args.save_outputs:
+        args.save_outputs.write_text(json.dumps({"dtype": args.dtype, "settings": {
+            n: {k: {"tokens": saved[n][k], "text": texts[n][k]} for k in saved[n]} for n in saved}}, indent=1))
     base = results["none"]["ppl"]
     print()
     print(f"{'setting':<12} {'perplexity':>10} {'Δ ppl':>7} {'max|Δlogp|':>10}  "
