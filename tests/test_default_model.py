@@ -111,3 +111,32 @@ def test_greedy_outputs_and_logits_equal_transformers(both):
         for step, (a, b) in enumerate(zip(recorder.steps[str(i)], out.logits)):
             diff = (a - b[0].float()).abs().max().item()
             assert diff < 1e-3, f"prompt {i} step {step}: max |logit difference| {diff:.2e}"
+
+
+def test_no_waste_mechanisms_keep_greedy_outputs(both):
+    """On the real model: the shared chat-template prefix is computed once and changes no greedy
+    output; nor do refill and length bucketing (rows in a different order and batch shape)."""
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import open_engine
+    from corpusgen.policy.policy import Policy
+
+    tok, engine, _ = both
+    texts = INSTRUCTIONS + ["List two fruits.", "What is the capital of Italy?", "Count from one to five."]
+    prompts = [tok.chat_prompt("You answer briefly.", t) for t in texts]
+    reqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(prompts)]
+
+    def run(eng, order=None):
+        rs = reqs if order is None else [reqs[i] for i in order]
+        out = {r.key: r.token_ids for r in eng.generate(rs, SamplingSettings(max_new_tokens=16))}
+        return [out[str(i)] for i in range(len(reqs))]
+
+    plain_engine = open_engine("default", device="cpu", dtype="float32", tokenizer=tok,
+                               policy=Policy(gpu_batch_size=4, num_gpu_batches=2, refill=False, shared_prefix=False))
+    plain = run(plain_engine)
+    plain_engine.close()
+    fast = open_engine("default", device="cpu", dtype="float32", tokenizer=tok,
+                       policy=Policy(gpu_batch_size=3, num_gpu_batches=1))
+    by_length = sorted(range(len(reqs)), key=lambda i: len(prompts[i]))
+    assert run(fast, by_length) == plain
+    assert fast.stats.prefix_computes == 1 and fast.stats.prefix_tokens >= 10, fast.stats
+    fast.close()

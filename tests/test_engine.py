@@ -275,3 +275,57 @@ def test_refill_and_early_exit_do_not_change_outputs(tiny, tmp_path):
             assert got == ref, pol
         else:
             assert got == base, pol
+
+
+PREFIX = [21, 22, 23, 24, 25, 26]
+PREFIXED = [PREFIX + s for s in ([5, 6, 7], [10], [12, 13, 14, 15, 16], [3, 4], [40, 41, 42, 43, 44, 45, 46], [7])]
+
+
+@pytest.mark.parametrize("placement", [None, *range(len(PLACEMENTS)), "compressed"])
+def test_shared_prefix_is_computed_once_and_changes_nothing(tiny, placement, tmp_path):
+    """Prompts sharing a prefix: its K/V is computed once (counted) and copied into every batch,
+    in every placement and compressed; greedy outputs equal the run without it (and, resident,
+    transformers'). A row without the prefix still runs whole, beside prefixed batches."""
+    name, hf, path = tiny
+    if name not in ("llama", "opt"):
+        pytest.skip("the prefix mechanism is family-independent; two families suffice")
+    pol = {} if placement is None else dict(compress_kv=Compression(bits=4, group_size=4)) \
+        if placement == "compressed" else PLACEMENTS[placement]
+    prompts = PREFIXED + [[9, 9, 9]]  # the last row does not share the prefix
+
+    def run(shared_prefix, nb=2, refill=True):
+        eng = open_engine(path, dtype="float32", device="cpu", tokenizer=IdTokenizer(99), offload_dir=str(tmp_path),
+                          policy=Policy(gpu_batch_size=3, num_gpu_batches=nb, shared_prefix=shared_prefix,
+                                        refill=refill, **pol))
+        eng.block.eos = set()
+        first = _generate(eng, PREFIXED)
+        again = _generate(eng, prompts)  # a second call with the same prefix reuses it
+        stats = eng.stats
+        eng.close()
+        return first, again, stats
+
+    plain_first, plain_again, plain = run(False)
+    assert plain.prefix_computes == 0 and plain.prefix_reused_tokens == 0
+    for nb, refill in ((2, True), (1, False), (3, True)):
+        first, again, st = run(True, nb, refill)
+        assert (first, again) == (plain_first, plain_again), (nb, refill, pol)
+        assert st.prefix_computes == 1 and st.prefix_tokens == len(PREFIX), st
+        assert st.prefix_reused_tokens >= len(PREFIX) * len(PREFIXED), st
+    if placement is None:
+        assert plain_first == _hf_greedy(hf, PREFIXED)
+
+
+def test_shared_prefix_choice(tiny):
+    """The engine picks the longest common prefix (each row keeps a token of its own), keeps it
+    while later calls still start with it, and skips prefixes too short to pay for a pass."""
+    name, hf, path = tiny
+    if name != "llama":
+        pytest.skip("family-independent")
+    eng = _engine(path, gpu_batch_size=4)
+    reqs = lambda ps: [Request(key=str(i), prompt_ids=p) for i, p in enumerate(ps)]  # noqa: E731
+    assert eng._shared_prefix(reqs(PREFIXED)) == tuple(PREFIX)
+    assert eng._shared_prefix(reqs([PREFIX + [1], PREFIX])) == tuple(PREFIX[:-1])  # one token left for each
+    assert eng._shared_prefix(reqs([[1, 2, 3, 4, 5], [1, 2, 3, 9]])) is None  # 3 < MIN_SHARED_PREFIX
+    _generate(eng, PREFIXED, n=2)
+    assert eng._shared_prefix(reqs([PREFIX + [1, 2], PREFIX + [1, 3]])) == tuple(PREFIX)  # kept, not extended
+    eng.close()

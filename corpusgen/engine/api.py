@@ -69,6 +69,9 @@ class EngineStats:
     decode_seconds: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    prefix_computes: int = 0  # times a shared prompt prefix was run through the model
+    prefix_tokens: int = 0  # length of the current shared prefix
+    prefix_reused_tokens: int = 0  # prompt tokens not computed because the prefix's K/V was reused
     peak_bytes: dict[str, int] = field(default_factory=dict)
 
 

@@ -86,6 +86,10 @@ class IdTokenizer:
         return f"ids-{self.vocab_size}"
 
 
+MIN_SHARED_PREFIX = 4
+"""A shared prefix shorter than this is not worth its own pass over the weights."""
+
+
 @dataclass
 class Engine:
     """A loaded model with its placement; ``generate`` runs requests block by block."""
@@ -126,8 +130,29 @@ class Engine:
             else:
                 ok.append(r)
         if ok:
-            yield from self.block.run(ok, sampling, logits_hook)
+            yield from self.block.run(ok, sampling, logits_hook, prefix=self._shared_prefix(ok))
         self._update_peaks()
+
+    def _shared_prefix(self, requests: Sequence[Request]) -> tuple[int, ...] | None:
+        """The token prefix to compute once for ``requests``: the one in use while every request
+        still starts with it (so a job's prefix is computed once, not once per window), else the
+        longest common prefix of these requests, leaving each at least one token of its own.
+        None when the policy turns it off or the prefix is too short to pay for a pass."""
+        if not self.policy.shared_prefix or len(requests) < 2:
+            return None
+        current = self.block._prefix
+        if current is not None:
+            ids = tuple(current.rows[0].prompt_ids)
+            if all(len(r.prompt_ids) > len(ids) and tuple(r.prompt_ids[:len(ids)]) == ids for r in requests):
+                return ids
+        first = requests[0].prompt_ids
+        n = min(len(r.prompt_ids) for r in requests) - 1
+        for r in requests[1:]:
+            ids = r.prompt_ids
+            n = next((i for i in range(n) if ids[i] != first[i]), n)
+            if n < MIN_SHARED_PREFIX:
+                return None
+        return tuple(first[:n]) if n >= MIN_SHARED_PREFIX else None
 
     def _update_peaks(self) -> None:
         peaks = self.stats.peak_bytes

@@ -21,6 +21,12 @@ compacted out and a whole batch of slots is free, waiting rows join as a new GPU
 prefill runs inside the next token step — the same weight load serves the batches that decode
 and the one that prefills. Without refill the block runs FlexGen's way, to its longest row.
 
+Shared prefix (``run(prefix=…)``): the token prefix common to a job's prompts runs once, as a
+one-row batch through one pass of the units, and its K/V — in each layer's tier and storage form,
+compressed too — is copied into columns ``[0, P)`` of every batch admitted later, whose prompt
+step then starts at column P (``_Batch.start``) with the rows' own suffixes left-padded behind
+the prefix (layers.py's convention). A row that does not start with the prefix runs whole.
+
 What overlaps with what (CUDA): three streams. *compute* runs the math. *load* carries
 host→GPU copies (next layer's weights, next batch's KV and activations); disk reads run on an
 I/O thread pool into pinned staging buffers and then enqueue their host→GPU copy on *load* too.
@@ -69,8 +75,9 @@ class _Batch:
     no_pad: bool = False  # every prompt has the same length: no mask needed
     logits: torch.Tensor | None = None  # (b, vocab) fp32 after the head
     stored: object = None  # CUDA event of the last store of this batch (None on CPU)
-    ids_width: int = 0  # prompt width (columns) of this batch
-    col: int = 0  # column of this batch's next input (0: the prompt, not yet prefilled)
+    ids_width: int = 0  # prompt width (columns) of this batch, shared prefix included
+    start: int = 0  # first column of the prompt step: the shared prefix's length, or 0
+    col: int = 0  # column of this batch's next input (== start: the prompt, not yet prefilled)
     pos_col: int = -1  # column for which ``positions``/``aux`` were computed
     positions: torch.Tensor | None = None  # (b, s) token positions of this step's inputs
     aux: object = None  # the family's per-step values (Llama: rotary cos/sin)
@@ -121,9 +128,11 @@ class BlockEngine:
         self.act_on_gpu = store.placement.activations_on_gpu
         self.stats = EngineStats()
         self.scale = cfg.head_dim ** -0.5
+        self._prefix: _Batch | None = None  # the shared prefix's one-row batch, holding its K/V
 
     # ------------------------------------------------------------------ the block
-    def run(self, requests: Sequence[Request], sampling: SamplingSettings, logits_hook=None) -> Iterator[Result]:
+    def run(self, requests: Sequence[Request], sampling: SamplingSettings, logits_hook=None,
+            prefix: Sequence[int] | None = None) -> Iterator[Result]:
         """Generate for ``requests``; yield each row's Result in the token step it finishes.
 
         The block holds at most ``block_size`` rows in GPU batches of ``gpu_batch_size``. With
@@ -133,37 +142,25 @@ class BlockEngine:
         with the batches that decode. Each GPU batch keeps its own column (left padding aligns
         its rows), so batches at different depths coexist. Without refill, rows run in fixed
         blocks, FlexGen's way: the block ends when its last row ends.
+
+        ``prefix``: token ids that (most of) the requests start with; computed once (kept across
+        calls while it stays the same) and reused by every batch whose rows all start with it.
         """
         p = self.policy
         queue = deque(requests)
         batches: list[_Batch] = []
-        n_units = self.cfg.num_layers + 2
+        plen = self._set_prefix(prefix)
         while queue or batches:
-            self._admit(queue, batches, sampling)
-            t0 = time.perf_counter()
-            prefill_only = all(b.col == 0 for b in batches)
-            self.store.prefetch(0)
-            for j in range(n_units):
-                w = self.store.get(j)
-                self.store.prefetch((j + 1) % n_units)  # wrap-around: last unit prefetches the embed
-                pending = self._load_cache(j, batches[0], batches[0].col)
-                for k, b in enumerate(batches):
-                    nb = batches[k + 1] if k + 1 < len(batches) else None
-                    nxt = self._load_cache(j, nb, nb.col) if nb is not None else None
-                    self._compute(j, w, b, b.col, pending)
-                    pending = nxt
-                w = None  # drop this layer's (dequantised) weights before the next get()
-                self.store.release(j)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-            dt = time.perf_counter() - t0
+            self._admit(queue, batches, sampling, plen)
+            prefill_only = all(b.col == b.start for b in batches)
+            dt = self._pass(batches)
             if prefill_only:
                 self.stats.prefill_seconds += dt
             else:
                 self.stats.decode_seconds += dt
             yield from self._sample(batches, sampling, logits_hook, last=False)
             for b in batches:
-                b.col = b.ids_width if b.col == 0 else b.col + 1
+                b.col = b.ids_width if b.col == b.start else b.col + 1
             batches[:] = [b for b in batches if any(f is None for f in b.finish)]
             if p.refill:
                 for b in batches:
@@ -172,25 +169,69 @@ class BlockEngine:
 
     run_block = run
 
-    def _admit(self, queue: deque, batches: list[_Batch], sampling: SamplingSettings) -> None:
+    def _pass(self, batches: list[_Batch]) -> float:
+        """One token step: every unit once, every GPU batch under it. Returns its seconds."""
+        n_units = self.cfg.num_layers + 2
+        t0 = time.perf_counter()
+        self.store.prefetch(0)
+        for j in range(n_units):
+            w = self.store.get(j)
+            self.store.prefetch((j + 1) % n_units)  # wrap-around: last unit prefetches the embed
+            pending = self._load_cache(j, batches[0], batches[0].col)
+            for k, b in enumerate(batches):
+                nb = batches[k + 1] if k + 1 < len(batches) else None
+                nxt = self._load_cache(j, nb, nb.col) if nb is not None else None
+                self._compute(j, w, b, b.col, pending)
+                pending = nxt
+            w = None  # drop this layer's (dequantised) weights before the next get()
+            self.store.release(j)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return time.perf_counter() - t0
+
+    def _set_prefix(self, prefix: Sequence[int] | None) -> int:
+        """Make ``prefix``'s K/V available (computing it only when it changed); its length, or 0."""
+        if not prefix:
+            return 0
+        ids = tuple(int(t) for t in prefix)
+        if self._prefix is None or tuple(self._prefix.rows[0].prompt_ids) != ids:
+            b = self._make_batch([Request(key="\0prefix", prompt_ids=ids)], SamplingSettings(), len(ids))
+            b.kv = [self._alloc_kv(j, 1, len(ids)) for j in range(self.cfg.num_layers)]
+            self.stats.prefill_seconds += self._pass([b])  # the head's logits are not used
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # its K/V stores (store stream) must land first
+            b.hidden = b.logits = None
+            self._prefix = b
+            self.stats.prefix_computes += 1
+            self.stats.prefix_tokens = len(ids)
+        return len(ids)
+
+    def _admit(self, queue: deque, batches: list[_Batch], sampling: SamplingSettings, plen: int = 0) -> None:
         """Form new GPU batches from waiting rows while the block has room for a whole batch
         (without refill: only when the block is empty, then as many batches as fit)."""
         p = self.policy
         if not p.refill and batches:
             return
         active = sum(sum(f is None for f in b.finish) for b in batches)
+        prefix = tuple(self._prefix.rows[0].prompt_ids) if plen else ()
+        has_prefix = lambda r: plen and len(r.prompt_ids) > plen and tuple(r.prompt_ids[:plen]) == prefix  # noqa: E731
+        own = lambda r: len(r.prompt_ids) - plen if has_prefix(r) else len(r.prompt_ids)  # noqa: E731
         width = None
         while queue and len(batches) < 2 * p.num_gpu_batches:
             take = min(p.gpu_batch_size, len(queue))
             if active + take > p.block_size:
                 break
             rows = [queue.popleft() for _ in range(take)]
+            start = plen if plen and all(has_prefix(r) for r in rows) else 0
             if width is None or not p.refill:  # a block admitted at once shares one width (fixed columns)
-                width = max(len(r.prompt_ids) for r in rows) if p.refill else max(
-                    len(r.prompt_ids) for r in [*rows, *list(queue)[:p.block_size - active - take]])
-            b = self._make_batch(rows, sampling, max(width, max(len(r.prompt_ids) for r in rows)))
+                width = max(map(own, rows)) if p.refill else max(
+                    map(own, [*rows, *list(queue)[:p.block_size - active - take]]))
+            b = self._make_batch(rows, sampling, max(width, max(len(r.prompt_ids) - start for r in rows)), start)
             b.kv = [self._alloc_kv(j, len(rows), b.ids_width + sampling.max_new_tokens)
                     for j in range(self.cfg.num_layers)]
+            if start:
+                self._copy_prefix(b)
+                self.stats.prefix_reused_tokens += start * len(rows)
             self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
             batches.append(b)
             active += take
@@ -217,17 +258,30 @@ class BlockEngine:
         b.pos_col = -1
 
     # ------------------------------------------------------------------ steps
-    def _make_batch(self, rows: Sequence[Request], s: SamplingSettings, width: int) -> _Batch:
-        lens = [len(r.prompt_ids) for r in rows]
+    def _make_batch(self, rows: Sequence[Request], s: SamplingSettings, width: int, start: int = 0) -> _Batch:
+        """A GPU batch of ``rows``: their prompts after the first ``start`` tokens (the shared
+        prefix, already computed) left-padded to ``width`` columns."""
+        lens = [len(r.prompt_ids) - start for r in rows]
         pad_id = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - lens[i]:] = torch.as_tensor(list(r.prompt_ids), dtype=torch.long)
+            ids[i, width - lens[i]:] = torch.as_tensor(list(r.prompt_ids[start:]), dtype=torch.long)
         pad = torch.tensor([width - n for n in lens], dtype=torch.long)
         gens = [row_generator(s.seed, r.key) for r in rows] if s.temperature > 0 else None
         return _Batch(rows=list(rows), pad=pad.to(self.device), pad_cpu=pad, ids=ids.to(self.device),
                       tokens=[[] for _ in rows], finish=[None] * len(rows), gens=gens, no_pad=min(lens) == width,
-                      ids_width=width)
+                      ids_width=start + width, start=start, col=start)
+
+    def _copy_prefix(self, b: _Batch) -> None:
+        """Columns [0, b.start) of every layer's K/V: the shared prefix's, as its tier stores them
+        (packed codes and group scales are copied as they are: nothing is re-quantised)."""
+        for layer, (src_kv, dst_kv) in enumerate(zip(self._prefix.kv, b.kv)):
+            seq_dim = 0 if self.kv_tier[layer] == "cpu" and self.host_seq_major else 2
+            for src, dst in zip(src_kv, dst_kv):
+                parts = ((src.data, dst.data), (src.mins, dst.mins), (src.scales, dst.scales)) \
+                    if isinstance(dst, cq.Packed) else ((src, dst),)
+                for a, d in parts:  # the prefix's batch dimension (1) broadcasts over the rows
+                    d.narrow(seq_dim, 0, b.start).copy_(a.narrow(seq_dim, 0, b.start))
 
     def _alloc_kv(self, j: int, b: int, total: int):
         """K and V buffers of layer j for a batch of b rows. Layout by tier: on the GPU tier
@@ -300,7 +354,7 @@ class BlockEngine:
         h = loaded_h if loaded_h is not None else b.hidden
         q_len = b.ids.shape[1]
         if b.pos_col != col:  # positions and rotary tables: once per batch per step, not per layer
-            b.positions = L.positions_from_pad(b.pad, col, q_len)
+            b.positions = L.positions_from_pad(b.pad, col, q_len, b.start)
             b.aux = fam.prepare(cfg, b.positions, self.dtype)
             b.pos_col = col
         positions = b.positions
@@ -327,23 +381,25 @@ class BlockEngine:
         end = col + q_len
         on_cpu = self.kv_tier[layer] == "cpu"
         no_pad = b.no_pad
-        if on_cpu and self.policy.cpu_attention and col > 0:
+        if on_cpu and self.policy.cpu_attention and col > b.start:
             # Decode attention where the cache lives: only q/k/v of the new token cross the link.
             qh, kh, vh = q.to(self.host), k.to(self.host), v.to(self.host)
             self._kv_write(layer, kc, kh, col)
             self._kv_write(layer, vc, vh, col)
-            dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype  # CPUs have no fast fp16
-            ks, vs = self._kv_view(layer, kc, end).to(dt), self._kv_view(layer, vc, end).to(dt)
-            mask = None if no_pad else L.attention_mask(b.pad_cpu, col, q_len, end)
-            attn = L.attend(qh.to(dt), ks, vs, mask, self.scale)
+            ks, vs = self._kv_view(layer, kc, end), self._kv_view(layer, vc, end)
+            mask = None if no_pad else L.attention_mask(b.pad_cpu, col, q_len, end, b.start)
+            attn = L.attend(qh, ks.to(qh.dtype), vs.to(qh.dtype), mask, self.scale)  # fp32 inside
             attn = attn.to(self.dtype).to(self.device, non_blocking=True)
         elif on_cpu:
             kq, vq = self._as_stored(k), self._as_stored(v)  # attend to what the cache will hold
             if col == 0:
                 ks, vs = kq, vq
-            else:  # the prefetched prefix (b, KV, col, hd) plus this step's token
+            elif loaded_kv is not None:  # the prefetched columns (b, KV, col, hd) plus this step's
                 ks = torch.cat([loaded_kv[0].permute(1, 2, 0, 3), kq], dim=2)
                 vs = torch.cat([loaded_kv[1].permute(1, 2, 0, 3), vq], dim=2)
+            else:  # the prompt step after a shared prefix, with CPU attention: fetch the prefix once
+                ks = torch.cat([self._kv_view(layer, kc, col).to(self.device), kq], dim=2)
+                vs = torch.cat([self._kv_view(layer, vc, col).to(self.device), vq], dim=2)
             attn = self._attend(q, ks, vs, b, col, q_len, end)
             ev = s.event(s.compute)
             s.wait(s.store, ev)
@@ -371,9 +427,9 @@ class BlockEngine:
         return cq.dequantize(cq.quantize(x, c.bits, c.group_size, axis=-1))
 
     def _attend(self, q, ks, vs, b: _Batch, col: int, q_len: int, end: int) -> torch.Tensor:
-        if b.no_pad:  # no padding: causal prefill or unmasked decode, so fused kernels apply
+        if b.no_pad and (col == 0 or q_len == 1):  # causal prefill or unmasked decode: fused kernels
             return L.attend(q, ks.to(q.dtype), vs.to(q.dtype), None, self.scale, causal=col == 0 and q_len > 1)
-        mask = L.attention_mask(b.pad, col, q_len, end)
+        mask = L.attention_mask(b.pad, col, q_len, end, b.start)
         return L.attend(q, ks.to(q.dtype), vs.to(q.dtype), mask, self.scale)
 
     def _sample(self, batches: list[_Batch], s: SamplingSettings, hook, last: bool) -> list[Result]:

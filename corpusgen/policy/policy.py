@@ -66,6 +66,9 @@ class Policy:
     refill: bool = True
     """A finished row's slot takes a waiting row (new GPU batches join mid-block); off = FlexGen's
     fixed blocks, where every row waits for the block's longest."""
+    shared_prefix: bool = True
+    """Compute the token prefix common to the prompts (system message, instructions) once and
+    reuse its K/V for every row; off = every row computes its whole prompt."""
     compress_weights: Compression | None = None
     """Quantise weights (stored, moved and cached compressed), or None."""
     compress_kv: Compression | None = None
@@ -88,6 +91,7 @@ class Policy:
             "cpu_attention": self.cpu_attention,
             "overlap": self.overlap,
             "refill": self.refill,
+            "shared_prefix": self.shared_prefix,
         }
         for name in ("compress_weights", "compress_kv"):
             c = getattr(self, name)
@@ -146,7 +150,7 @@ def policy_from_dict(data: Mapping[str, Any]) -> Policy:
     for key in ("weights", "kv_cache", "activations"):
         if key in data:
             kw[key] = _placement(key, data[key])
-    for key in ("cpu_attention", "overlap", "refill"):
+    for key in ("cpu_attention", "overlap", "refill", "shared_prefix"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise PolicyError(f"policy.{key}: expected true or false, got {data[key]!r}")
