@@ -386,9 +386,10 @@ class BlockEngine:
             qh, kh, vh = q.to(self.host), k.to(self.host), v.to(self.host)
             self._kv_write(layer, kc, kh, col)
             self._kv_write(layer, vc, vh, col)
-            ks, vs = self._kv_view(layer, kc, end), self._kv_view(layer, vc, end)
+            dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype  # CPUs have no fast fp16
+            ks, vs = self._kv_view(layer, kc, end).to(dt), self._kv_view(layer, vc, end).to(dt)
             mask = None if no_pad else L.attention_mask(b.pad_cpu, col, q_len, end, b.start)
-            attn = L.attend(qh, ks.to(qh.dtype), vs.to(qh.dtype), mask, self.scale)  # fp32 inside
+            attn = L.attend(qh.to(dt), ks, vs, mask, self.scale)
             attn = attn.to(self.dtype).to(self.device, non_blocking=True)
         elif on_cpu:
             kq, vq = self._as_stored(k), self._as_stored(v)  # attend to what the cache will hold
