@@ -224,6 +224,46 @@ def test_infeasible_budget_is_refused_before_allocation(tmp_path):
                     policy=Policy(gpu_batch_size=8))
 
 
+def test_host_arena_counts_live_bytes_only():
+    """The pinned arena counts what is alive: a freed KV buffer gives its bytes back (a long
+    refilling job admits thousands of batches under one cpu_memory budget), and the budget is
+    still a hard limit for what is alive."""
+    import gc
+
+    from corpusgen.engine.tiers import HostArena
+
+    arena = HostArena(budget=4096)
+    t = arena.empty((16, 32), torch.float32)  # 2048 bytes, exactly (no power-of-two rounding)
+    assert arena.used == 2048 and t.shape == (16, 32) and t.dtype == torch.float32
+    view = t[:2]
+    with pytest.raises(BudgetError, match="cpu_memory budget"):
+        arena.empty((3000,), torch.uint8)
+    del t
+    gc.collect()
+    assert arena.used == 0 and view.sum().item() == view.sum().item()  # a surviving view stays readable
+    for _ in range(10):  # far more than the budget in total, never more at once
+        arena.empty((1024,), torch.float32)
+    assert arena.used == 0 and arena.peak == 4096
+
+
+def test_refilling_job_with_host_kv_stays_within_budget(tiny, tmp_path):
+    """Many waves of admitted and finished batches, KV on the host tier: the arena's live bytes
+    return to the weights alone after the job (nothing leaks per batch)."""
+    name, hf, path = tiny
+    if name != "llama":
+        pytest.skip("family-independent")
+    eng = open_engine(path, dtype="float32", device="cpu", tokenizer=IdTokenizer(99), offload_dir=str(tmp_path),
+                      policy=Policy(gpu_batch_size=2, num_gpu_batches=2, kv_cache=Placement(gpu=0.0, cpu=1.0)))
+    eng.block.eos = set()
+    import gc
+
+    before = eng.arena.used
+    _generate(eng, [[5 + i % 7, 6, 7 + i % 3] for i in range(40)], n=3)
+    gc.collect()
+    assert eng.arena.used == before and eng.arena.peak > before
+    eng.close()
+
+
 def test_chunked_weight_quantisation_equals_whole():
     """Quantising a weight in row chunks (to bound GPU temporaries) gives the same packed bytes."""
     from corpusgen.engine import compression as cq

@@ -134,13 +134,15 @@ class Packed:
         device: torch.device | str = "cpu",
         pin: bool = False,
         scale_dtype: torch.dtype = SCALE_DTYPE,
+        alloc=None,
     ) -> "Packed":
-        """Preallocate the buffers for a tensor of ``shape`` (contents undefined)."""
+        """Preallocate the buffers for a tensor of ``shape`` (contents undefined). ``alloc(shape,
+        dtype)`` allocates the host buffers instead (the engine's counted, pinned arena)."""
         _check(bits, group_size)
         shape = tuple(int(s) for s in shape)
         pin = pin and _can_pin() and torch.device(device).type == "cpu"
         gshape = grouped_shape(shape, group_size, axis)
-        new = lambda s, dt: torch.empty(s, dtype=dt, device=device, pin_memory=pin)  # noqa: E731
+        new = alloc or (lambda s, dt: torch.empty(s, dtype=dt, device=device, pin_memory=pin))  # noqa: E731
         return Packed(
             data=new(packed_shape(shape, bits, group_size, axis), torch.uint8),
             mins=new(gshape, scale_dtype),

@@ -246,7 +246,8 @@ class BlockEngine:
         idx = torch.tensor(keep, dtype=torch.long)
         for layer, (kc, vc) in enumerate(b.kv):
             dim = 1 if self.kv_tier[layer] == "cpu" and self.host_seq_major else 0
-            b.kv[layer] = (_select(kc, dim, idx), _select(vc, dim, idx))
+            arena = self.store.arena if self.kv_tier[layer] == "cpu" else None
+            b.kv[layer] = (_select(kc, dim, idx, arena), _select(vc, dim, idx, arena))
         b.rows = [b.rows[i] for i in keep]
         b.tokens = [b.tokens[i] for i in keep]
         b.finish = [None] * len(keep)
@@ -294,8 +295,9 @@ class BlockEngine:
         shape = (b, cfg.num_kv_heads, total, cfg.head_dim) if batch_major else (total, b, cfg.num_kv_heads, cfg.head_dim)
         if comp is not None:
             dev = self.device if on_gpu else self.host
-            return tuple(cq.Packed.empty(shape, self.dtype, comp.bits, comp.group_size, -1, dev,
-                                         pin=not on_gpu and torch.cuda.is_available()) for _ in range(2))
+            alloc = None if on_gpu else self.store.arena.empty  # host buffers: counted, exact-size pinned
+            return tuple(cq.Packed.empty(shape, self.dtype, comp.bits, comp.group_size, -1, dev, alloc=alloc)
+                         for _ in range(2))
         if on_gpu:
             return tuple(torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
         return self.store.arena.empty(shape, self.dtype), self.store.arena.empty(shape, self.dtype)
@@ -470,17 +472,23 @@ class BlockEngine:
         return done
 
 
-def _select(c, dim: int, idx: torch.Tensor):
-    """Rows ``idx`` along ``dim`` of a cache tensor or Packed (a copy, on the cache's device)."""
+def _select(c, dim: int, idx: torch.Tensor, arena):
+    """Rows ``idx`` along ``dim`` of a cache tensor or Packed (a copy, on the cache's device;
+    host copies go to the pinned ``arena``)."""
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        if arena is None:
+            return t.index_select(dim, idx.to(t.device))
+        shape = list(t.shape)
+        shape[dim] = len(idx)
+        return torch.index_select(t, dim, idx, out=arena.empty(shape, t.dtype))
+
     if isinstance(c, cq.Packed):
         import dataclasses
 
         shape = list(c.shape)
         shape[dim] = len(idx)
-        pick = lambda t: t.index_select(dim, idx.to(t.device))  # noqa: E731
         return dataclasses.replace(c, data=pick(c.data), mins=pick(c.mins), scales=pick(c.scales), shape=tuple(shape))
-    out = c.index_select(dim, idx.to(c.device))
-    return out.pin_memory() if c.device.type == "cpu" and c.is_pinned() else out
+    return pick(c)
 
 
 def _handoff(tensors, user, owner) -> None:
