@@ -352,7 +352,11 @@ class BlockEngine:
         if pending is not None:
             loaded_kv, loaded_h, ev = pending
             s.wait(s.compute, ev)
-            _handoff([*(loaded_kv or ()), loaded_h], s.compute, s.load)
+            _handoff([*_buffers(loaded_kv), loaded_h], s.compute, s.load)
+            if loaded_kv is not None and isinstance(loaded_kv[0], cq.Packed):
+                # Dequantised here, on the compute stream: on the load stream it would queue the
+                # link behind it (measured: OPT-30B 4-bit step = link + dequant, not their max).
+                loaded_kv = tuple(cq.dequantize(c) for c in loaded_kv)
         h = loaded_h if loaded_h is not None else b.hidden
         q_len = b.ids.shape[1]
         if b.pos_col != col:  # positions and rotary tables: once per batch per step, not per layer
@@ -501,12 +505,20 @@ def _handoff(tensors, user, owner) -> None:
             t.record_stream(user)
 
 
-def _to_device(c, end: int, device: torch.device) -> torch.Tensor:
+def _to_device(c, end: int, device: torch.device):
     """Columns [0, end) of a seq-major host cache on the device; compressed caches travel
-    compressed and are dequantised on arrival."""
+    compressed (and are dequantised by the compute stream that uses them)."""
     if isinstance(c, cq.Packed):
-        return cq.dequantize(cq.narrow(c, 0, 0, end).to(device, non_blocking=True))
+        return cq.narrow(c, 0, 0, end).to(device, non_blocking=True)
     return c[:end].to(device, non_blocking=True)
+
+
+def _buffers(kv) -> list[torch.Tensor]:
+    """The tensors behind a loaded (K, V) pair, packed or not."""
+    out: list[torch.Tensor] = []
+    for c in kv or ():
+        out.extend(c.buffers if isinstance(c, cq.Packed) else (c,))
+    return out
 
 
 def _prefix(c, end: int) -> torch.Tensor:
