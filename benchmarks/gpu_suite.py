@@ -49,12 +49,23 @@ def check() -> None:
         d = tempfile.mkdtemp()
         hf.save_pretrained(d)
 
-        def gen(device, **pol):
+        def gen(device, rq=reqs, **pol):
             eng = open_engine(d, dtype="float32", device=device, tokenizer=IdTokenizer(99), offload_dir=tempfile.mkdtemp(),
                               policy=Policy(**pol))
-            out = {r.key: r.token_ids for r in eng.generate(reqs, SamplingSettings(max_new_tokens=10))}
+            if device == "cuda" and eng.arena.used:
+                assert any(t.is_pinned() for r in eng.store.records for t in (r or {}).values()
+                           if t.device.type == "cpu"), "host-tier weights are not pinned"
+            out = {r.key: r.token_ids for r in eng.generate(rq, SamplingSettings(max_new_tokens=10))}
             eng.close()
-            return [out[str(i)] for i in range(len(prompts))]
+            return [out[str(i)] for i in range(len(rq))]
+
+        shared = [[21, 22, 23, 24, 25, 26] + p for p in prompts]  # the shared-prefix path on CUDA
+        preqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(shared)]
+        pref = gen("cpu", preqs, gpu_batch_size=6, shared_prefix=False)
+        for pl in placements:
+            got = gen("cuda", preqs, gpu_batch_size=2, num_gpu_batches=3, **pl)
+            failures += got != pref
+            print(f"check {name} shared prefix {pl}: {'OK' if got == pref else 'MISMATCH'}")
 
         ref = gen("cpu", gpu_batch_size=6)
         for pl in placements:

@@ -6,9 +6,11 @@ Prompts are the summarisation prompt of jobs/summarize.yaml over benchmarks/data
 (made by benchmarks/make_varied_corpus.py when missing), in the model's chat template, cut to
 --max-prompt tokens. Configurations, each on the same rows in one process:
 
-  plain       FlexGen's way: rows in input order, fixed blocks, every row waits for the block's longest
+  plain       FlexGen's way: rows in input order, fixed blocks, every row waits for the block's longest,
+              every row computes its whole prompt
   +bucket     rows sorted by prompt length within windows of 8 blocks (little padding per block)
   +refill     + early exit and refill: finished rows leave, waiting rows join mid-block
+  +prefix     + the shared prompt prefix (chat template, system message, instructions) computed once
 
 Greedy outputs of every configuration are compared with `plain` (they must be identical).
 """
@@ -35,7 +37,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--only", default="plain,+bucket,+refill")
+    ap.add_argument("--only", default="plain,+bucket,+refill,+prefix")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
@@ -45,6 +48,8 @@ def main() -> None:
     from corpusgen.engine.load import open_engine
     from corpusgen.policy.policy import Policy
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = ROOT / "benchmarks" / "data" / "varied.parquet"
     if not data.exists():
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_varied_corpus.py"), str(data)], check=True)
@@ -57,22 +62,22 @@ def main() -> None:
     for r in rows:
         ids = tok.encode(r["text"], add_special_tokens=False)[: args.max_prompt]
         text = tok.decode(ids)
-        prompt = tok.chat_prompt("You summarise documents in one sentence.",
-                                 f"Title: {r['title']}\n\n{text}\n\nSummarise this document in one sentence.")
+        prompt = tok.chat_prompt("You summarise documents in exactly one short sentence.",  # jobs/summarize.yaml
+                                 f"Summarise this document in one sentence.\n\nTitle: {r['title']}\n\n{text}")
         reqs.append(Request(key=r["id"], prompt_ids=prompt))
     s = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     window = args.batch * args.num_gpu_batches * 8
-    configs = {
-        "plain": (reqs, False),
-        "+bucket": ([q for i in range(0, len(reqs), window)
-                     for q in sorted(reqs[i:i + window], key=lambda q: len(q.prompt_ids))], False),
-        "+refill": ([q for i in range(0, len(reqs), window)
-                     for q in sorted(reqs[i:i + window], key=lambda q: len(q.prompt_ids))], True),
+    bucketed = [q for i in range(0, len(reqs), window) for q in sorted(reqs[i:i + window], key=lambda q: len(q.prompt_ids))]
+    configs = {  # rows in order, refill, shared prefix
+        "plain": (reqs, False, False),
+        "+bucket": (bucketed, False, False),
+        "+refill": (bucketed, True, False),
+        "+prefix": (bucketed, True, True),
     }
     outputs = {}
     for name in args.only.split(","):
-        order, refill = configs[name]
-        pol = base_policy.replace(refill=refill)
+        order, refill, prefix = configs[name]
+        pol = base_policy.replace(refill=refill, shared_prefix=prefix)
         eng.policy = pol
         eng.block.policy = pol
         eng.block.stats.__init__()
@@ -83,7 +88,9 @@ def main() -> None:
         gen = sum(len(v) for v in out.values())
         results[name] = {"rows_per_s": round(len(out) / dt, 3), "gen_tokens_per_s": round(gen / dt, 2),
                          "seconds": round(dt, 2), "gen_tokens": gen,
-                         "identical_to_plain": out == outputs.get("plain", out)}
+                         "identical_to_plain": out == outputs.get("plain", out),
+                         "prefix_computes": eng.stats.prefix_computes,
+                         "prefix_reused_tokens": eng.stats.prefix_reused_tokens}
         print(name, json.dumps(results[name]), flush=True)
     lens = sorted(len(v) for v in outputs[next(iter(outputs))].values())
     print(json.dumps({"rows": len(reqs), "device": str(eng.device), "dtype": str(eng.dtype),

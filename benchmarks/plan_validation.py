@@ -26,6 +26,7 @@ CASES = [  # name, model, gpu GiB, cpu GiB, compression allowed
     ("auto-opt6.7b-unconstrained", "opt-6.7b", 130, 110, False),
     ("auto-opt6.7b-16g", "opt-6.7b", 16, 110, False),
     ("auto-opt6.7b-16g-c", "opt-6.7b", 16, 110, True),
+    ("auto-opt30b-unconstrained", "opt-30b", 130, 110, False),
     ("auto-opt30b-16g", "opt-30b", 16, 110, False),
     ("auto-opt30b-16g-c", "opt-30b", 16, 110, True),
     ("auto-llama70b-16g-c", "llama-2-70b", 16, 110, True),
