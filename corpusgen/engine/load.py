@@ -226,7 +226,19 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
             disk.close()
         raise
     eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids if not dummy else ()
+    if dev.type == "cuda" and (policy.compress_kv or policy.compress_weights):
+        _warm_kernels(dev, dt)
     block = BlockEngine(cfg, store, policy, tokenizer=tok, device=dev, dtype=dt, eos_ids=eos)
     store.load_stream = block.streams.load if block.streams.load is not block.streams.compute else None
     return Engine(config=cfg, tokenizer=tok, policy=policy, device=dev, dtype=dt, block=block, store=store,
                   arena=arena, disk=disk, load_seconds=time.perf_counter() - t0, _tmpdir=tmp)
+
+
+def _warm_kernels(device: torch.device, dtype: torch.dtype) -> None:
+    """Compile the fused dequantisation kernel now (Triton JIT, ~2 s on an H200) rather than inside
+    the first prefill, where it was counted as generation time."""
+    from corpusgen.engine import compression as cq
+
+    x = torch.randn(2, 128, device=device, dtype=dtype)
+    cq.dequantize(cq.quantize(x, 4, 64, axis=-1))
+    torch.cuda.synchronize(device)
