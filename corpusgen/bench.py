@@ -4,12 +4,20 @@ Dummy (or real) weights, ``num_seqs`` prompts of ``prompt_len`` random tokens, `
 tokens each, every token generated (no EOS). Throughput = generated tokens / (prefill + decode
 time), as FlexGen defines it; the wall time including weight placement is reported separately.
 Results are returned as a dict and appended as one JSON line to a results file. No UI here.
+
+Under torchrun (DESIGN §7) the ranks start generating together (after all have loaded) and rank 0
+records the aggregate: ``num_seqs`` × ``gen_len`` tokens over the slowest rank's time. Data
+parallel: each rank runs its share of the rows; time = its prefill + decode, as above. Pipeline:
+every stage runs every row, the stages overlap, so time = generate wall time less stage 0's
+admission time (allocating the KV of new rows, which a single process excludes as well).
+``wall_tps`` (tokens / generate wall time, everything included) is recorded in every mode.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import platform
 import socket
 import time
@@ -42,24 +50,118 @@ def run_bench(model: str, *, dummy: bool = True, prompt_len: int = 512, gen_len:
               policy: Policy | None = None, gpu_memory: int | None = None, cpu_memory: int | None = None,
               offload_dir: str | None = None, device: str | None = None, dtype: str | None = None,
               profile=None, predicted_tps: float | None = None, results_file: str | Path | None = None,
-              label: str = "", seed: int = 0) -> dict[str, Any]:
-    """Run the workload; return (and append to ``results_file``) one result record."""
+              label: str = "", seed: int = 0, pipeline_stages: int = 1, ranks=None) -> dict[str, Any]:
+    """Run the workload; return (and append to ``results_file``) one result record.
+
+    Under torchrun (``ranks.world`` > 1) every process calls this: with ``pipeline_stages`` 1 the
+    ranks split ``num_seqs`` (default: one block each) and run them concurrently, each on its own
+    GPU with its own budgets (data parallel); with ``pipeline_stages`` = the world size, rank r is
+    stage r of one pipeline (``policy`` is a stage's; default: one sub-block per stage). Rank 0
+    returns and records the aggregate, with every rank's figures under ``ranks``.
+    """
+    from corpusgen.errors import PolicyError
+    from corpusgen.ranks import Ranks
+
+    ranks = ranks or Ranks.from_env()
+    if pipeline_stages not in (1, ranks.world):
+        raise PolicyError(f"--pipeline-stages {pipeline_stages} needs as many processes: start them with "
+                          f"torchrun --nproc-per-node {pipeline_stages} (WORLD_SIZE is {ranks.world})")
+    t_wall = time.perf_counter()
+    policy = policy or Policy()
+    if ranks.world == 1:
+        engine = _open(model, None, dummy, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, prompt_len,
+                       gen_len, seed)
+        rec = _measure(engine, None, ranks, num_seqs or policy.block_size, prompt_len, gen_len, seed, profile,
+                       dummy, gpu_memory)
+        rec.update(mode="single", world=1, wall_tps=round(rec["num_seqs"] * gen_len / rec["generate_wall_s"], 3))
+    else:
+        rec = _bench_ranks(model, ranks, pipeline_stages, dummy, device, dtype, policy, gpu_memory, cpu_memory,
+                           offload_dir, prompt_len, gen_len, seed, num_seqs, profile)
+        if rec is None:  # not rank 0
+            return {}
+    rec = {"label": label, **rec, "predicted_tps": round(predicted_tps, 3) if predicted_tps else None,
+           "host": socket.gethostname(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "wall_s": round(time.perf_counter() - t_wall, 2)}
+    if results_file:
+        p = Path(results_file)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+def _open(model, stage, dummy, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, prompt_len, gen_len, seed):
+    kw = dict(dummy=dummy, device=device, dtype=dtype, policy=policy, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+              offload_dir=offload_dir, prompt_len=prompt_len, gen_len=gen_len, seed=seed)
+    if stage is None:
+        from corpusgen.engine.load import open_engine
+
+        return open_engine(model, **kw)
+    from corpusgen.engine.pipeline import open_stage
+
+    return open_stage(model, stage=stage, **kw)
+
+
+def _bench_ranks(model, ranks, stages, dummy, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, prompt_len,
+                 gen_len, seed, num_seqs, profile) -> dict[str, Any] | None:
+    """Every rank: open, wait for the others, generate its share, then gather the figures on rank 0."""
+    import torch
+    import torch.distributed as dist
+
+    from corpusgen.engine.load import pick_device
+    from corpusgen.engine.pipeline import PipelineGroup, split_layers
+    from corpusgen.engine.weights import load_config
+    from corpusgen.ranks import StartGroup, rank_dir_name
+
+    ranks.select_gpu(device or "auto")
+    pipeline = stages > 1
+    group = PipelineGroup(ranks.rank, ranks.world, pick_device(device)) if pipeline else StartGroup(ranks)
+    if offload_dir:
+        offload_dir = str(Path(offload_dir) / rank_dir_name(ranks.rank, ranks.world))
+    with group:
+        stage = split_layers(load_config(model).num_layers, stages)[ranks.rank] if pipeline else None
+        engine = _open(model, stage, dummy, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, prompt_len,
+                       gen_len, seed)
+        n = num_seqs or ranks.world * policy.block_size
+        dist.all_reduce(torch.zeros(1))  # every rank loaded: start together
+        rec = _measure(engine, None if pipeline else (ranks.rank, ranks.world), ranks, n, prompt_len, gen_len, seed,
+                       profile, dummy, gpu_memory)
+        if pipeline:
+            rec["admit_s"] = round(engine.block.admit_seconds, 3)
+        gathered: list[Any] = [None] * ranks.world
+        dist.all_gather_object(gathered, rec)
+    if not ranks.leader:
+        return None
+    tokens = n * gen_len
+    wall = max(r["generate_wall_s"] for r in gathered)
+    if pipeline:  # the stages overlap: wall time less stage 0's admissions (its KV allocation)
+        busy = wall - gathered[0]["admit_s"]
+    else:
+        busy = max(r["prefill_s"] + r["decode_s"] for r in gathered)
+    first = gathered[0]
+    keep = ("model", "dummy", "prompt_len", "gen_len", "policy", "device", "dtype", "gpu_name", "gpu_budget_gib",
+            "cpu_budget_gib")
+    return {**{k: first[k] for k in keep}, "mode": "pipeline" if pipeline else "data-parallel", "world": ranks.world,
+            "num_seqs": n, "total_tps": round(tokens / busy, 3), "wall_tps": round(tokens / wall, 3),
+            "generate_wall_s": round(wall, 3), "ranks": gathered}
+
+
+def _measure(engine, share, ranks, n: int, prompt_len: int, gen_len: int, seed: int, profile, dummy: bool,
+             gpu_memory: int | None) -> dict[str, Any]:
+    """Generate the workload (rows ``share[0]::share[1]`` of it, when given) and return this
+    process's figures; closes the engine."""
     import torch
 
     from corpusgen.engine.api import Request, SamplingSettings
-    from corpusgen.engine.load import open_engine
 
-    t_wall = time.perf_counter()
-    policy = policy or Policy()
-    engine = open_engine(model, dummy=dummy, device=device, dtype=dtype, policy=policy, gpu_memory=gpu_memory,
-                         cpu_memory=cpu_memory, offload_dir=offload_dir, prompt_len=prompt_len, gen_len=gen_len,
-                         seed=seed)
+    policy = engine.policy
     try:
-        n = num_seqs or policy.block_size
         g = torch.Generator().manual_seed(seed)
         vocab = engine.config.vocab_size
         reqs = [Request(key=str(i), prompt_ids=torch.randint(4, vocab, (prompt_len,), generator=g).tolist())
                 for i in range(n)]
+        if share is not None:
+            reqs = reqs[share[0]::share[1]]
         engine.block.eos = set()  # FlexGen's workload: every row generates gen_len tokens
         engine._last_len = prompt_len + gen_len
         if engine.device.type == "cuda":
@@ -69,39 +171,32 @@ def run_bench(model: str, *, dummy: bool = True, prompt_len: int = 512, gen_len:
         results = list(engine.generate(reqs, s))
         gen_seconds = time.perf_counter() - t0
         st = engine.stats
-        assert len(results) == n and all(len(r.token_ids) == gen_len for r in results), "every row must finish"
-        tokens = n * gen_len
-        decode_tokens = n * (gen_len - 1)
-        steps = max(gen_len - 1, 1) * -(-n // policy.block_size)
+        mine = len(reqs)
+        assert len(results) == mine and all(len(r.token_ids) == gen_len for r in results), "every row must finish"
+        tokens = mine * gen_len
+        decode_tokens = mine * (gen_len - 1)
+        steps = max(gen_len - 1, 1) * -(-mine // policy.block_size)
         link = link_seconds_per_decode_step(engine, profile)
-        rec = {
-            "label": label, "model": engine.config.name, "dummy": dummy, "prompt_len": prompt_len, "gen_len": gen_len,
-            "num_seqs": n, "policy": policy.to_dict(), "realised": engine.describe()["realised"],
+        gpu = engine.device.type == "cuda"
+        return {
+            "rank": ranks.rank, "model": engine.config.name, "dummy": dummy,
+            "prompt_len": prompt_len, "gen_len": gen_len,
+            "num_seqs": mine, "policy": policy.to_dict(), "realised": engine.describe()["realised"],
             "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
-            "gpu_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor(),
+            "gpu_name": torch.cuda.get_device_name(engine.device) if gpu else platform.processor(),
             "gpu_budget_gib": gpu_memory / GIB if gpu_memory else None,
-            "cpu_budget_gib": cpu_memory / GIB if cpu_memory else None,
+            "cpu_budget_gib": engine.arena.budget / GIB if engine.arena.budget else None,
             "prefill_s": round(st.prefill_seconds, 4), "decode_s": round(st.decode_seconds, 4),
             "prefill_tps": round(st.prompt_tokens / st.prefill_seconds, 2) if st.prefill_seconds else None,
             "decode_tps": round(decode_tokens / st.decode_seconds, 2) if st.decode_seconds else None,
             "total_tps": round(tokens / (st.prefill_seconds + st.decode_seconds), 3),
             "generate_wall_s": round(gen_seconds, 3), "load_s": round(engine.load_seconds, 3),
             "decode_step_s": round(st.decode_seconds / steps, 5),
-            "decode_step_link_s": round(link["link_seconds"], 5) if link["link_seconds"] == link["link_seconds"] else None,
+            "decode_step_link_s": None if math.isnan(link["link_seconds"]) else round(link["link_seconds"], 5),
             "decode_step_link_bytes": link["bytes"],
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated(engine.device) / GIB, 3)
-            if engine.device.type == "cuda" else None,
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated(engine.device) / GIB, 3) if gpu else None,
             "peak_pinned_gib": round(engine.arena.peak / GIB, 3),
             "disk_gib": round((engine.disk.bytes_written if engine.disk else 0) / GIB, 3),
-            "predicted_tps": round(predicted_tps, 3) if predicted_tps else None,
-            "host": socket.gethostname(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": round(time.perf_counter() - t_wall, 2),
         }
     finally:
         engine.close()
-    if results_file:
-        p = Path(results_file)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with p.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-    return rec

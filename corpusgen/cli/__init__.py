@@ -468,9 +468,10 @@ def _render_plan(console: Any, report: Any) -> None:
 @click.option("--dummy/--no-dummy", default=True, show_default=True,
               help="Random weights of the model's shape (no download).")
 @workload_options(512, 32)
-@click.option("--num-seqs", type=click.IntRange(min=1), metavar="N", help="Sequences (default: one block).")
+@click.option("--num-seqs", type=click.IntRange(min=1), metavar="N",
+              help="Sequences (default: one block; under torchrun, one block per rank or stage).")
 @click.option("--policy", default="auto", show_default=True, metavar="auto|FILE",
-              help="Plan with the optimizer, or a policy YAML.")
+              help="Plan with the optimizer, or a policy YAML (a stage's, with --pipeline-stages).")
 @budget_options
 @click.option("--offload-dir", metavar="DIR", help="Directory of the disk tier (default: a temp dir).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -478,49 +479,92 @@ def _render_plan(console: Any, report: Any) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Compute dtype.")
 @profile_option
+@click.option("--pipeline-stages", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Under torchrun with N processes: split the layers into N pipeline stages (1: data parallel).")
 @click.option("--results", metavar="FILE", default="benchmarks/results.jsonl", show_default=True,
               help="JSON-lines file the result is appended to.")
 @click.option("--label", default="", metavar="TEXT", help="Free text stored with the result.")
 @translate_errors
 def bench(model: str, dummy: bool, prompt_len: int, gen_len: int, num_seqs: int | None, policy: str,
           gpu_mem: int | None, cpu_mem: int | None, offload_dir: str | None, device: str, dtype: str,
-          profile: str | None, results: str, label: str) -> None:
+          profile: str | None, pipeline_stages: int, results: str, label: str) -> None:
     """FlexGen's workload (every row generates gen_len tokens), timed end to end; predicted vs measured."""
     from corpusgen.bench import run_bench
     from corpusgen.engine.weights import load_config
     from corpusgen.planning import (
+        HOST_SHARE,
         disk_free,
         dtype_bytes_for,
         evaluate,
+        host_memory,
         plan_model,
         resolve_profile,
         run_device,
     )
+    from corpusgen.policy.policy import load_policy
+    from corpusgen.ranks import Ranks
 
+    ranks = Ranks.from_env()
+    ranks.select_gpu(device)
     config = load_config(model)
     dev = run_device(device)
-    choice = resolve_profile(profile, dev)
-    args: dict[str, Any] = {"profile": choice, "device": dev, "prompt_len": prompt_len, "gen_len": gen_len,
-                            "dtype_bytes": dtype_bytes_for(dev, dtype), "notes": (choice.note,)}
-    if policy == "auto":
-        report = plan_model(config, gpu_budget=gpu_mem, cpu_budget=cpu_mem, disk_budget=disk_free(offload_dir),
-                            **args)
-    else:
-        from corpusgen.policy.policy import load_policy
-
-        report = evaluate(config, load_policy(policy), gpu_budget=gpu_mem, cpu_budget=cpu_mem, **args)
     console = _console()
-    console.print(f"[bold]bench {config.name}[/] on {dev}: {num_seqs or report.policy.block_size} sequences, "
-                  f"prompt {prompt_len}, gen {gen_len}, policy {policy} (blocks of {report.policy.gpu_batch_size} × "
-                  f"{report.policy.num_gpu_batches}); profile {report.profile.source}", highlight=False)
+    notes = []
+    if ranks.world > 1 and cpu_mem is None:  # the ranks of a machine share its memory
+        cpu_mem = int(host_memory() * HOST_SHARE / ranks.local_world)
+        notes.append(f"CPU budget per rank: {HOST_SHARE:.0%} of this machine's memory / {ranks.local_world} ranks")
+    report = None
+    if pipeline_stages > 1:
+        if policy == "auto":
+            raise CorpusgenError("--pipeline-stages needs --policy FILE, a stage's policy (its block is one "
+                                 "sub-block, its fractions are of the stage's layers); the planner plans one GPU")
+        pol = load_policy(policy)
+        choice = resolve_profile(profile, dev)
+    else:
+        choice = resolve_profile(profile, dev)
+        args: dict[str, Any] = {"profile": choice, "device": dev, "prompt_len": prompt_len, "gen_len": gen_len,
+                                "dtype_bytes": dtype_bytes_for(dev, dtype), "notes": (choice.note,)}
+        if policy == "auto":
+            report = plan_model(config, gpu_budget=gpu_mem, cpu_budget=cpu_mem, disk_budget=disk_free(offload_dir),
+                                **args)
+        else:
+            report = evaluate(config, load_policy(policy), gpu_budget=gpu_mem, cpu_budget=cpu_mem, **args)
+        pol = report.policy
+    if ranks.leader:
+        how = "" if ranks.world == 1 else (f" over {ranks.world} ranks, " + (
+            f"a pipeline of {pipeline_stages} stages" if pipeline_stages > 1 else "data parallel"))
+        console.print(f"[bold]bench {config.name}[/] on {dev}{how}: {num_seqs or ranks.world * pol.block_size} "
+                      f"sequences, prompt {prompt_len}, gen {gen_len}, policy {policy} (blocks of "
+                      f"{pol.gpu_batch_size} × {pol.num_gpu_batches}); profile {choice.source}", highlight=False)
+        for note in notes:
+            console.print(f"note: {note}", highlight=False)
     rec = run_bench(model, dummy=dummy, prompt_len=prompt_len, gen_len=gen_len, num_seqs=num_seqs,
-                    policy=report.policy, gpu_memory=gpu_mem, cpu_memory=cpu_mem, offload_dir=offload_dir,
+                    policy=pol, gpu_memory=gpu_mem, cpu_memory=cpu_mem, offload_dir=offload_dir,
                     device=None if device == "auto" else device, dtype=None if dtype == "auto" else dtype,
-                    profile=choice.profile, results_file=results, label=label,
+                    profile=choice.profile, results_file=results if ranks.leader else None, label=label,
                     # recorded only when it means something: a profile of this machine, or one asked for
-                    predicted_tps=report.throughput if choice.this_machine or profile else None)
-    _render_bench(console, rec, report)
-    console.print(f"appended to {results}")
+                    predicted_tps=report.throughput if report and (choice.this_machine or profile) else None,
+                    pipeline_stages=pipeline_stages, ranks=ranks)
+    if ranks.world == 1:
+        _render_bench(console, rec, report)
+    elif ranks.leader:
+        _render_ranks(console, rec)
+    if ranks.leader:
+        console.print(f"appended to {results}")
+
+
+def _render_ranks(console: Any, rec: dict[str, Any]) -> None:
+    """Each rank's figures and the aggregate of a torchrun bench, as a table."""
+    from rich.table import Table
+
+    t = Table("rank", "rows", "prefill s", "decode s", "generate wall s", "load s", "peak GPU GiB", "peak pinned GiB")
+    for r in rec["ranks"]:
+        t.add_row(str(r["rank"]), str(r["num_seqs"]), f"{r['prefill_s']:.2f}", f"{r['decode_s']:.2f}",
+                  f"{r['generate_wall_s']:.2f}", f"{r['load_s']:.2f}", _num(r["peak_gpu_gib"], 2),
+                  _num(r["peak_pinned_gib"], 2))
+    console.print(t)
+    console.print(f"{rec['mode']} × {rec['world']}: {rec['num_seqs']} rows, total {rec['total_tps']:,.2f} tok/s, "
+                  f"wall {rec['wall_tps']:,.2f} tok/s (generate wall {rec['generate_wall_s']:.2f} s)", highlight=False)
 
 
 def _render_bench(console: Any, rec: dict[str, Any], report: Any) -> None:

@@ -18,7 +18,7 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Container, Iterator
 
 import torch
 
@@ -345,9 +345,10 @@ def unpermute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- streaming
 
 def iter_units(source: str | Path, config: ModelConfig, *, dtype: torch.dtype,
-               device: str | torch.device = "cpu") -> Iterator[tuple[str, Unit]]:
+               device: str | torch.device = "cpu", only: Container[str] | None = None) -> Iterator[tuple[str, Unit]]:
     """Yield ``(unit, tensors)`` in order embed, layer.0 …, head, loading one unit at a time.
 
+    ``only``: the units to load and yield (a pipeline stage's); the others are never read.
     The source is opened (and its headers checked) when this is called, not at the first unit.
     """
     path = resolve_source(source)
@@ -366,7 +367,7 @@ def iter_units(source: str | Path, config: ModelConfig, *, dtype: torch.dtype,
             return ckpt.get(key)
 
         table = HF_NAMES[config.family]
-        return _stream(config, table, fetch, path, dtype, device)
+        return _stream(config, table, fetch, path, dtype, device, only)
     if path.suffix == ".gguf":
         reader = _open_gguf(path)
         field = reader.fields.get("general.architecture")
@@ -381,7 +382,7 @@ def iter_units(source: str | Path, config: ModelConfig, *, dtype: torch.dtype,
             _check_shape(path, src, shape, tuple(int(d) for d in reversed(tensors[src].shape)))
             return _gguf_tensor(tensors[src], arch, config)
 
-        return _stream(config, GGUF_NAMES, fetch, path, dtype, device)
+        return _stream(config, GGUF_NAMES, fetch, path, dtype, device, only)
     raise ModelError(f"{path}: not a model; give an HF checkpoint directory, a .gguf file or a preset name")
 
 
@@ -392,10 +393,13 @@ def _check_shape(file: Path | str, name: str, expected: tuple[int, ...], got: tu
 
 
 def _stream(config: ModelConfig, table: dict[str, tuple[str, str]], fetch, path: Path,
-            dtype: torch.dtype, device: str | torch.device) -> Iterator[tuple[str, Unit]]:
+            dtype: torch.dtype, device: str | torch.device, only: Container[str] | None = None
+            ) -> Iterator[tuple[str, Unit]]:
     shapes = weight_shapes(config)
     tokens: torch.Tensor | None = None  # kept for a tied LM head
     for unit in unit_names(config):
+        if not _wanted(config, unit, only):
+            continue
         sources = _unit_sources(table, unit)
         tensors: Unit = {}
         for name, shape in shapes[unit].items():
@@ -409,7 +413,13 @@ def _stream(config: ModelConfig, table: dict[str, tuple[str, str]], fetch, path:
             tensors[name] = w.to(device=device, dtype=dtype)
         if unit == "embed" and config.tie_word_embeddings:
             tokens = tensors["tokens"]
-        yield unit, tensors
+        if only is None or unit in only:
+            yield unit, tensors
+
+
+def _wanted(config: ModelConfig, unit: str, only: Container[str] | None) -> bool:
+    """Load ``unit``: it is asked for, or it is the embedding a wanted tied LM head reuses."""
+    return only is None or unit in only or (unit == "embed" and config.tie_word_embeddings and "head" in only)
 
 
 # --------------------------------------------------------------------------- dummy weights
@@ -423,8 +433,9 @@ def _unit_generator(seed: int, unit: str, device: torch.device) -> torch.Generat
 
 
 def dummy_units(config: ModelConfig, *, dtype: torch.dtype, device: str | torch.device = "cpu",
-                seed: int = 0) -> Iterator[tuple[str, Unit]]:
-    """Random weights in the shapes of :func:`weight_shapes`, deterministic for (config, seed).
+                seed: int = 0, only: Container[str] | None = None) -> Iterator[tuple[str, Unit]]:
+    """Random weights in the shapes of :func:`weight_shapes`, deterministic for (config, seed);
+    each unit has its own generator, so ``only`` (a subset of units) draws the same values.
 
     Values are drawn in float32 (so they do not depend on ``dtype``) and scaled like a trained
     model's: matrices N(0, 0.02), norm weights 1 + N(0, 0.02), biases N(0, 0.01), so activations
@@ -434,6 +445,8 @@ def dummy_units(config: ModelConfig, *, dtype: torch.dtype, device: str | torch.
     tokens: torch.Tensor | None = None
     scratch: torch.Tensor | None = None  # float32 staging for non-float32 dtypes
     for unit, shapes in weight_shapes(config).items():
+        if not _wanted(config, unit, only):
+            continue
         gen = _unit_generator(seed, unit, device)
         tensors: Unit = {}
         for name, shape in shapes.items():
@@ -455,4 +468,5 @@ def dummy_units(config: ModelConfig, *, dtype: torch.dtype, device: str | torch.
             tensors[name] = out
         if unit == "embed" and config.tie_word_embeddings:
             tokens = tensors["tokens"]
-        yield unit, tensors
+        if only is None or unit in only:
+            yield unit, tensors
