@@ -369,3 +369,22 @@ def test_shared_prefix_choice(tiny):
     _generate(eng, PREFIXED, n=2)
     assert eng._shared_prefix(reqs([PREFIX + [1, 2], PREFIX + [1, 3]])) == tuple(PREFIX)  # kept, not extended
     eng.close()
+
+
+def test_chunked_mlp_equals_whole(tiny):
+    """The SwiGLU MLP in token chunks (to bound its intermediates) computes what it does whole."""
+    name, hf, path = tiny
+    if name != "llama":
+        pytest.skip("the chunked MLP is the llama family's")
+    from corpusgen.engine import layers, llama
+
+    cfg = load_config(path)
+    w = dict(iter_units(path, cfg, dtype=torch.float32))["layer.0"]
+    h, attn = torch.randn(3, 7, cfg.hidden_size), torch.randn(3, cfg.num_heads, 7, cfg.head_dim)
+    whole = llama.post_attention(cfg, w, h, attn)
+    old = layers.MLP_CHUNK_TOKENS
+    try:
+        llama.chunked.__defaults__ = (4,)  # 21 tokens in chunks of 4
+        assert torch.allclose(llama.post_attention(cfg, w, h, attn), whole, atol=1e-6)
+    finally:
+        llama.chunked.__defaults__ = (old,)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from corpusgen.engine.config import ModelConfig
-from corpusgen.engine.layers import apply_rope, linear, merge_heads, rms_norm, rope_cos_sin, rope_inv_freq, split_heads
+from corpusgen.engine.layers import apply_rope, chunked, linear, merge_heads, rms_norm, rope_cos_sin, rope_inv_freq, split_heads
 
 Weights = dict[str, torch.Tensor]
 
@@ -49,7 +49,7 @@ def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Te
     """Residual stream h (b, s, hidden) and attention output (b, heads, s, hd) -> new h."""
     h = h + linear(merge_heads(attn), w["o"])
     x = rms_norm(h, w["mlp_norm"], cfg.norm_eps)
-    return h + linear(F.silu(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
+    return h + chunked(lambda t: linear(F.silu(linear(t, w["gate"])) * linear(t, w["up"]), w["down"]), x)
 
 
 def head(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,9 @@ Memory the engine allocates (bytes; ``L`` = one layer's weights as stored, i.e. 
     gpu.activations         B × p × hidden × dtype    if activations on the GPU
     gpu.activation_staging  2 × b × p × hidden × dtype if activations on the CPU
     gpu.attention_scores    b × p × p × dtype_bytes   (the padding mask as a bias; fused SDPA keeps no scores)
-    gpu.mlp_workspace       b × p × ffn × dtype × 2
+    gpu.mlp_workspace       OPT: b × p × ffn × dtype × 2 (fc1 output, ReLU in place);
+                            Llama: min(b × p, MLP_CHUNK_TOKENS) × ffn × dtype × 4 (gate, up,
+                            silu, product; the MLP runs in token chunks)
     gpu.logits              b × vocab × 4
     cpu.layer_weights       CPU-resident layers × L   (pinned)
     cpu.kv_cache            CPU-KV layers × kv(B)
@@ -261,7 +263,7 @@ def memory_terms(config: ModelConfig, policy: Policy, prompt_len: int, gen_len: 
         "gpu.activation_staging": (1 - act_gpu) * 2 * b * p * config.hidden_size * dtype_bytes,
         # fused SDPA never materialises the scores; a padded batch passes its mask as a bias
         "gpu.attention_scores": b * p * p * dtype_bytes,
-        "gpu.mlp_workspace": b * p * config.ffn_dim * dtype_bytes * 2,
+        "gpu.mlp_workspace": mlp_workspace_bytes(config, b * p, dtype_bytes),
         "gpu.logits": b * config.vocab_size * 4,
         "cpu.layer_weights": w_cpu * L,
         "cpu.kv_cache": kv_cpu * kv_block,
@@ -301,3 +303,12 @@ def check_budgets(estimate: MemoryEstimate, gpu_budget: int, cpu_budget: int, di
             raise BudgetError(
                 f"{tier.upper()} budget short by {(need - budget) / GIB:.2f} GiB: needs {need / GIB:.2f} GiB "
                 f"of {budget / GIB:.2f} GiB (largest, GiB: {big})")
+
+
+def mlp_workspace_bytes(config, tokens: int, dtype_bytes: int) -> int:
+    """Peak MLP intermediates of a step over ``tokens`` tokens (see the table above)."""
+    from corpusgen.engine.layers import MLP_CHUNK_TOKENS
+
+    if config.family == "llama":
+        return min(tokens, MLP_CHUNK_TOKENS) * config.ffn_dim * dtype_bytes * 4
+    return tokens * config.ffn_dim * dtype_bytes * 2
