@@ -136,7 +136,8 @@ def bench(names: list[str]) -> None:
             f"rec=run_bench(model, dummy=True, policy=pol, profile=prof, label={name!r}, results_file=os.environ['CG_RESULTS'], **spec);"
             "print('RESULT', json.dumps(rec))"
         )
-        env = dict(os.environ, CG_RESULTS=str(OUT / "bench.jsonl"), CG_PROFILE=str(OUT / "hardware.yaml"),
+        env = dict(os.environ, CG_RESULTS=str(OUT / "bench.jsonl"), CG_PROFILE=str(OUT / "hardware.yaml") if (OUT / "hardware.yaml").exists()
+                   else str(Path(__file__).resolve().parent.parent / "policies" / "hardware-nvidia-h200.yaml"),
                    PYTHONUNBUFFERED="1")
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
         line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -38,6 +38,24 @@ from corpusgen.policy.memory import RealisedPlacement, kv_layer_bytes, layer_mat
 from corpusgen.policy.policy import Policy
 
 
+HOST_OVERHEAD_S = 5.2e-4
+"""Host time to issue one unit's kernels for one GPU batch (eager PyTorch, ~16 launches). A GPU
+batch-layer never takes less. Calibrated on the H200: OPT-6.7B at batch 4 decoded in 12.0 ms
+(2026-11-21) and 17.7 ms (2026-11-22) per step over 34 units, where the GPU work is ~3 ms; the
+later, slower figure is used."""
+
+KV_COMPRESS_HOST_S = 9e-4
+"""Extra host time per layer per GPU batch when the KV cache is compressed: quantising the new
+token's K and V and dequantising the cache are ~50 more eager launches. Calibrated on the H200:
+OPT-6.7B 16 rows, 4-bit KV on the GPU, 48.5 ms per decode step against 17.7 uncompressed."""
+
+KV_DEQUANT_EFFICIENCY = 0.4
+"""Share of the profiled dequantisation rate (weights: one contiguous tensor) that a KV cache
+prefix reaches: it is a strided slice of the cache, made contiguous before the kernel, and
+dequantised into a fresh buffer every step. Calibrated on the H200: OPT-30B 64 × 7 with 4-bit KV,
+325 GB of fp16 KV produced per decode step in a 2.42 s step (≈ 135 GB/s against 363 profiled)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class StepTerms:
     """Seconds of one layer in one token step, per placement choice (the LP's coefficients)."""
@@ -63,17 +81,13 @@ class StepTerms:
     """Per GPU batch: hidden-state I/O when activations rest on the CPU."""
     head: float
     """Per step: logits of the whole block."""
+    host: float = HOST_OVERHEAD_S
+    """Per GPU batch: the host time to issue a layer's kernels (a floor under compute)."""
 
     def lerp(self, other: StepTerms, w: float) -> StepTerms:
         vals = {f.name: getattr(self, f.name) * (1 - w) + getattr(other, f.name) * w
                 for f in fields(self) if f.name != "cpu_attention"}
         return StepTerms(cpu_attention=self.cpu_attention, **vals)
-
-
-HOST_OVERHEAD_S = 3.5e-4
-"""Host time to issue one unit's kernels for one GPU batch (eager PyTorch, ~16 launches). A GPU
-batch-layer never takes less. Calibrated on the H200: OPT-6.7B at batch 4 decoded in 12.0 ms per
-step over 34 units, where the GPU work is ~3 ms."""
 
 
 NON_MATMUL_FACTOR = 1.3
@@ -102,7 +116,8 @@ def step_terms(config: ModelConfig, policy: Policy, profile: HardwareProfile, *,
     if prefill:
         attn_gpu = quant  # attention over the prompt is in ``compute``
     else:
-        attn_gpu = all16 / (hw.gpu_attention_gbps * GB) + (all16 / (hw.gpu_dequant_gbps * GB) if ck else 0.0)
+        attn_gpu = all16 / (hw.gpu_attention_gbps * GB) + (
+            all16 / (KV_DEQUANT_EFFICIENCY * hw.gpu_dequant_gbps * GB) if ck else 0.0)
     cpu_attn = policy.cpu_attention and not prefill
     if cpu_attn:
         act = b * config.head_dim * dtype_bytes
@@ -120,6 +135,7 @@ def step_terms(config: ModelConfig, policy: Policy, profile: HardwareProfile, *,
         dequant=layer_weight_bytes(config, dtype_bytes, None) / (hw.gpu_dequant_gbps * GB) if cw else 0.0,
         compute=compute, attn_kv_gpu=attn_gpu, attn_kv_cpu=attn_cpu, cpu_attention=cpu_attn,
         io_kv_cpu=io_kv, io_act_cpu=hidden / h2d + hidden / d2h, head=head,
+        host=HOST_OVERHEAD_S + (KV_COMPRESS_HOST_S if ck else 0.0),
     )
 
 
@@ -189,7 +205,7 @@ def _phase(t: StepTerms, classes: Counter, nb: int, act_gpu: bool, overlap: bool
     for (w_next, kv), count in classes.items():
         ld = {"gpu": 0.0, "cpu": t.load_cpu, "disk": t.load_disk}[w_next]
         extra = t.attn_kv_gpu if kv == "gpu" else t.attn_kv_cpu
-        c = max(t.compute + extra, HOST_OVERHEAD_S)  # eager PyTorch: the host issues ~16 kernels per unit
+        c = max(t.compute + extra, t.host)  # eager PyTorch: the host issues every kernel
         i = (t.io_kv_cpu if kv == "cpu" else 0.0) + (0.0 if act_gpu else t.io_act_cpu)
         if overlap:
             # Weights and cache I/O share one host link: their bytes queue behind each other.

@@ -32,7 +32,9 @@ Memory the engine allocates (bytes; ``L`` = one layer's weights as stored, i.e. 
     gpu.attention_scores    b × p × p × dtype_bytes   (the padding mask as a bias; fused SDPA keeps no scores)
     gpu.mlp_workspace       OPT: b × p × ffn × dtype × 2 (fc1 output, ReLU in place);
                             Llama: min(b × p, MLP_CHUNK_TOKENS) × ffn × dtype × 4 (gate, up,
-                            silu, product; the MLP runs in token chunks)
+                            silu, product; the MLP runs in token chunks) + rotary
+                            temporaries b × p × (heads + kv_heads) × hd × dtype × 3
+                            + attention output b × p × hidden × dtype × 3
     gpu.logits              b × vocab × 4
     cpu.layer_weights       CPU-resident layers × L   (pinned)
     cpu.kv_cache            CPU-KV layers × kv(B)
@@ -310,5 +312,8 @@ def mlp_workspace_bytes(config, tokens: int, dtype_bytes: int) -> int:
     from corpusgen.engine.layers import MLP_CHUNK_TOKENS
 
     if config.family == "llama":
-        return min(tokens, MLP_CHUNK_TOKENS) * config.ffn_dim * dtype_bytes * 4
+        # + rotary temporaries: q·cos, rotate_half(q), ·sin and their sum, for q and k
+        rope = tokens * (config.num_heads + config.num_kv_heads) * config.head_dim * dtype_bytes * 3
+        attn_out = tokens * config.hidden_size * dtype_bytes * 3  # attention output, merged, projected
+        return min(tokens, MLP_CHUNK_TOKENS) * config.ffn_dim * dtype_bytes * 4 + rope + attn_out
     return tokens * config.ffn_dim * dtype_bytes * 2
