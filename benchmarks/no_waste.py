@@ -12,7 +12,8 @@ Prompts are the summarisation prompt of jobs/summarize.yaml over benchmarks/data
   +refill     + early exit and refill: finished rows leave, waiting rows join mid-block
   +prefix     + the shared prompt prefix (chat template, system message, instructions) computed once
 
-Greedy outputs of every configuration are compared with `plain` (they must be identical).
+Greedy outputs of every configuration are compared with `plain`: identical in fp32 (the tests
+prove it); in bf16 a row's batch neighbours change its rounding, so a few rows may differ.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def main() -> None:
         results[name] = {"rows_per_s": round(len(out) / dt, 3), "gen_tokens_per_s": round(gen / dt, 2),
                          "seconds": round(dt, 2), "gen_tokens": gen,
                          "identical_to_plain": out == outputs.get("plain", out),
+                         "rows_identical_to_plain": sum(out[k] == outputs.get("plain", out).get(k) for k in out),
                          "prefix_computes": eng.stats.prefix_computes,
                          "prefix_reused_tokens": eng.stats.prefix_reused_tokens}
         print(name, json.dumps(results[name]), flush=True)
