@@ -220,11 +220,7 @@ class BlockEngine:
         while queue and len(batches) < 2 * p.num_gpu_batches:
             take = min(p.gpu_batch_size, len(queue))
             if active + take > p.block_size:
-                # Refill: a partial batch once half a batch of slots is free, so the block runs
-                # near full instead of waiting for a whole batch of rows to finish.
-                take = min(take, p.block_size - active)
-                if not p.refill or not batches or take < max(1, p.gpu_batch_size // 2):
-                    break
+                break
             rows = [queue.popleft() for _ in range(take)]
             start = plen if plen and all(has_prefix(r) for r in rows) else 0
             if width is None or not p.refill:  # a block admitted at once shares one width (fixed columns)
