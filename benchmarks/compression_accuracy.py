@@ -2,10 +2,11 @@
 
     python benchmarks/compression_accuracy.py --dtype float32 --threads 2
 
-Five settings of one model (SmolLM2-135M-Instruct, the Q4_1 GGUF the default model ships as):
-no compression, 4-bit weights (group 64), 4-bit KV cache (group 64), both, and 4-bit weights
-with group 32 — the GGUF Q4_1 block size, which should reproduce the checkpoint's own 4-bit
-tensors exactly (see the docstring of corpusgen/engine/compression.py). For each setting:
+Six settings of one model (SmolLM2-135M-Instruct, the Q4_1 GGUF the default model ships as):
+no compression, 4-bit weights (group 64), 4-bit KV cache (group 64), both, 4-bit weights with
+group 32 — the GGUF Q4_1 block size, which reproduces the checkpoint's own 4-bit tensors exactly
+(see the docstring of corpusgen/engine/compression.py) — and that with the 4-bit KV cache. More
+(KV cache with groups 32 or 16, or 8 bits) with ``--settings``. For each setting:
 
 1. **Perplexity** on benchmarks/data/heldout.txt (paragraphs written for this benchmark, in no job
    or job corpus), computed *through the engine* by teacher forcing: each paragraph is a row whose
@@ -17,10 +18,13 @@ tensors exactly (see the docstring of corpusgen/engine/compression.py). For each
 2. **Greedy agreement** on the sample jobs: the prompts of jobs/extract.yaml, classify.yaml and
    summarize.yaml over the 48 hand-written sample documents (the two edge-case rows are left
    out), each job's template rendered with the row and wrapped by the chat template, greedy, each
-   job's stop strings, max_new_tokens = min(the job's, ``--max-new-tokens``). Plain greedy: the
-   jobs' output schemas (structured decoding) are not applied. Reported against the uncompressed
-   outputs: share of rows with identical tokens, and the mean share of identical leading tokens
-   (common prefix / the longer of the two outputs; 1 when both are empty).
+   job's stop strings and max_new_tokens (``--max-new-tokens`` caps it). By default plain greedy:
+   the jobs' output schemas are not applied. With ``--structured`` the jobs that have an
+   ``output.schema`` (extract, classify) decode under it as ``corpusgen run`` does (llguidance
+   masks), and their answers are also compared as parsed JSON, whole and per field. Reported
+   against the uncompressed outputs: share of rows with identical tokens, and the mean share of
+   identical leading tokens (common prefix / the longer of the two outputs; 1 when both are
+   empty). ``--skip-ppl`` and ``--skip-jobs`` run one half only.
 
 All settings use the same fixed blocks (``refill: false``, rows sorted by prompt length), so a row
 meets the same batch neighbours and padding in every setting and only compression differs.
@@ -34,8 +38,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -48,12 +52,13 @@ SETTINGS = {  # name -> (compress_weights, compress_kv) as (bits, group_size)
     "kv4 g64": (None, (4, 64)),
     "w4+kv4 g64": ((4, 64), (4, 64)),
     "w4 g32": ((4, 32), None),
+    "w4 g32+kv4 g64": ((4, 32), (4, 64)),
     # Not run by default; diagnostics for the KV cache (--settings none "kv4 g32" ... --skip-jobs).
     "kv4 g32": (None, (4, 32)),
     "kv4 g16": (None, (4, 16)),
     "kv8 g64": (None, (8, 64)),
 }
-DEFAULT_SETTINGS = ("none", "w4 g64", "kv4 g64", "w4+kv4 g64", "w4 g32")
+DEFAULT_SETTINGS = ("none", "w4 g64", "kv4 g64", "w4+kv4 g64", "w4 g32", "w4 g32+kv4 g64")
 
 
 class TeacherForcing:
@@ -137,8 +142,8 @@ def heldout_sequences(tok, path: Path = HELDOUT) -> dict[str, list[int]]:
     return {f"p{i:02d}": tok.encode(p, add_special_tokens=False) for i, p in enumerate(paras)}
 
 
-def job_requests(tok, cap: int) -> dict[str, tuple[list, object]]:
-    """Per job: (requests sorted by prompt length, SamplingSettings)."""
+def job_requests(tok, cap: int | None) -> dict[str, tuple[list, object, dict | None]]:
+    """Per job: (requests sorted by prompt length, SamplingSettings, output schema or None)."""
     import jinja2.sandbox
     import pyarrow.parquet as pq
     import yaml
@@ -156,8 +161,9 @@ def job_requests(tok, cap: int) -> dict[str, tuple[list, object]]:
         reqs = [Request(key=f"{name}:{r['id']}", prompt_ids=tok.chat_prompt(system, template.render(r))) for r in rows]
         reqs.sort(key=lambda r: len(r.prompt_ids))
         gen = spec.get("generation", {})
-        out[name] = (reqs, SamplingSettings(max_new_tokens=min(int(gen.get("max_new_tokens", 64)), cap),
-                                            temperature=0.0, stop=tuple(gen.get("stop", ()))))
+        out[name] = (reqs, SamplingSettings(max_new_tokens=min(int(gen.get("max_new_tokens", 64)), cap or 1 << 30),
+                                            temperature=0.0, stop=tuple(gen.get("stop", ()))),
+                     (spec.get("output") or {}).get("schema"))
     return out
 
 
@@ -173,8 +179,29 @@ def agreement(ref: dict[str, list[int]], got: dict[str, list[int]]) -> dict:
     return {"rows": len(ref), "identical": same, "identical_share": same / len(ref), "lead_share": lead / len(ref)}
 
 
-def weight_roundtrip(units, bits: int, group_size: int) -> float:
-    """Largest |dequantise(quantise(w)) - w| over the linear weights the engine would compress."""
+def answer_agreement(ref: dict[str, str], got: dict[str, str]) -> dict:
+    """Rows whose answers parse to the same JSON value (text compared where either does not parse),
+    and per top-level field of JSON-object answers the share of rows with the same value."""
+    def parse(text):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return None
+
+    same, fields = 0, {}
+    for k, a in ref.items():
+        pa, pb = parse(a), parse(got[k])
+        same += (pa == pb) if pa is not None and pb is not None else a == got[k]
+        if isinstance(pa, dict):
+            for f, v in pa.items():
+                fields.setdefault(f, []).append(isinstance(pb, dict) and pb.get(f, object()) == v)
+    return {"rows": len(ref), "answers_equal": same, "answers_equal_share": same / len(ref),
+            "field_equal_share": {f: sum(v) / len(v) for f, v in fields.items()}}
+
+
+def weight_roundtrip(units, bits: int, group_size: int, dtype: torch.dtype) -> float:
+    """Largest difference, in ``dtype``, between the linear weights the engine would compress and
+    their 4-bit round trip (quantised from the values as loaded, as the engine does)."""
     from corpusgen.engine import compression as cq
     from corpusgen.engine.placement import compressible
 
@@ -182,8 +209,8 @@ def weight_roundtrip(units, bits: int, group_size: int) -> float:
     for unit, tensors in units.items():
         for name, w in tensors.items():
             if w is not None and compressible(unit, name, w):
-                back = cq.dequantize(cq.quantize(w, bits, group_size, axis=-1), dtype=w.dtype)
-                worst = max(worst, (back.float() - w.float()).abs().max().item())
+                back = cq.dequantize(cq.quantize(w, bits, group_size, axis=-1), dtype=dtype)
+                worst = max(worst, (back.float() - w.to(dtype).float()).abs().max().item())
     return worst
 
 
@@ -193,41 +220,61 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="engine dtype")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--prefix", type=int, default=16, help="prompt tokens of each held-out row (not scored)")
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="cap on the jobs' max_new_tokens")
+    ap.add_argument("--max-new-tokens", type=int, help="cap on the jobs' max_new_tokens (default: no cap)")
     ap.add_argument("--batch", type=int, default=16, help="gpu_batch_size (rows per batch)")
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
     ap.add_argument("--skip-jobs", action="store_true", help="perplexity only")
+    ap.add_argument("--skip-ppl", action="store_true", help="jobs only")
+    ap.add_argument("--structured", action="store_true",
+                    help="decode the jobs that have an output.schema under it, as `corpusgen run` does")
     ap.add_argument("--save-outputs", type=Path, help="write every row's greedy tokens and text here (JSON)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     assert args.settings[0] == "none", "the first setting is the baseline and must be 'none'"
+    assert not (args.skip_jobs and args.skip_ppl), "nothing to do"
 
     from corpusgen.engine.load import open_engine
     from corpusgen.engine.tokenizer import load_tokenizer
-    from corpusgen.engine.weights import iter_units, load_config
+    from corpusgen.engine.weights import iter_units, load_config, resolve_source
     from corpusgen.policy.policy import Compression, Policy
 
     tok, cfg = load_tokenizer(args.model), load_config(args.model)
     end_token = tok.eos_token_ids[0]
-    seqs = heldout_sequences(tok)
+    seqs = {} if args.skip_ppl else heldout_sequences(tok)
     jobs = {} if args.skip_jobs else job_requests(tok, args.max_new_tokens)
+    grammars = {}
+    if args.structured:
+        from corpusgen.structured import Grammar, compile_constraint
+
+        grammars = {job: Grammar(compile_constraint(schema), tok, eos_ids=tok.eos_token_ids)
+                    for job, (_, _, schema) in jobs.items() if schema is not None}
     print(f"model {args.model}, dtype {args.dtype}, threads {torch.get_num_threads()}, held-out: {len(seqs)} "
           f"paragraphs, {sum(map(len, seqs.values()))} tokens ({sum(len(s) - args.prefix for s in seqs.values())} "
-          f"scored); jobs: " + ", ".join(f"{n} {len(r)} rows ≤{s.max_new_tokens} new" for n, (r, s) in jobs.items()))
+          f"scored); jobs: " + ", ".join(f"{n} {len(r)} rows ≤{s.max_new_tokens} new{' (schema)' * (n in grammars)}"
+                                         for n, (r, s, _) in jobs.items()))
 
-    # The sanity check, and the Q4_1 round trip, on the same dequantised weights the engine loads.
-    units = dict(iter_units(args.model, cfg, dtype=getattr(torch, args.dtype)))
-    t0 = time.perf_counter()
-    ref_lp = reference_logprobs(cfg, units, seqs, args.prefix)
-    ref = nll_stats(ref_lp)
-    roundtrip = {g: weight_roundtrip(units, 4, g) for g in (32, 64)}
-    print(f"reference_logits perplexity {ref['ppl']:.4f} ({time.perf_counter() - t0:.0f} s); 4-bit round trip of the "
-          f"linear weights, max |Δ|: group 32 {roundtrip[32]:.3g}, group 64 {roundtrip[64]:.3g}")
+    # The sanity check, and the Q4_1 round trip, on the same dequantised weights the engine loads
+    # (GGUF tensors in fp32 when weights are compressed: corpusgen.engine.load.open_engine).
+    dt = getattr(torch, args.dtype)
+    gguf = resolve_source(args.model).suffix == ".gguf"
+    loaded = dict(iter_units(args.model, cfg, dtype=torch.float32 if gguf else dt))
+    roundtrip = {g: weight_roundtrip(loaded, 4, g, dt) for g in (32, 64)}
+    units = {u: {n: None if t is None else t.to(dt) for n, t in ts.items()} for u, ts in loaded.items()}
+    del loaded
+    ref, ref_lp = None, {}
+    if seqs:
+        t0 = time.perf_counter()
+        ref_lp = reference_logprobs(cfg, units, seqs, args.prefix)
+        ref = nll_stats(ref_lp)
+        print(f"reference_logits perplexity {ref['ppl']:.4f} ({time.perf_counter() - t0:.0f} s)")
+    print(f"4-bit round trip of the linear weights (in {args.dtype}), max |Δ|: group 32 {roundtrip[32]:.3g}, "
+          f"group 64 {roundtrip[64]:.3g}")
     del units
 
     results: dict[str, dict] = {}
     baseline_lp: dict[str, list[float]] = {}
     baseline_out: dict[str, list[int]] = {}
+    baseline_text: dict[str, str] = {}
     texts: dict[str, dict[str, str]] = {name: {} for name in args.settings}
     saved: dict[str, dict[str, list[int]]] = {}
     for name in args.settings:
@@ -236,59 +283,74 @@ def main(argv: list[str] | None = None) -> None:
                         compress_weights=Compression(bits=w[0], group_size=w[1]) if w else None,
                         compress_kv=Compression(bits=kv[0], group_size=kv[1]) if kv else None)
         eng = open_engine(args.model, device="cpu", dtype=args.dtype, policy=policy, tokenizer=tok)
-        t0 = time.perf_counter()
-        lp = engine_logprobs(eng, seqs, args.prefix, end_token)
-        res = {**nll_stats(lp), "ppl_seconds": round(time.perf_counter() - t0, 1)}
-        if name == "none":
-            baseline_lp = lp
-            res["ppl_vs_reference_rel"] = abs(res["ppl"] / ref["ppl"] - 1)
-            res["max_abs_dlogprob_vs_reference"] = max(abs(a - b) for k in lp for a, b in zip(lp[k], ref_lp[k]))
-        res["max_abs_dlogprob_vs_none"] = max(abs(a - b) for k in lp for a, b in zip(lp[k], baseline_lp[k]))
+        res: dict = {}
+        if seqs:
+            t0 = time.perf_counter()
+            lp = engine_logprobs(eng, seqs, args.prefix, end_token)
+            res = {**nll_stats(lp), "ppl_seconds": round(time.perf_counter() - t0, 1)}
+            if name == "none":
+                baseline_lp = lp
+                res["ppl_vs_reference_rel"] = abs(res["ppl"] / ref["ppl"] - 1)
+                res["max_abs_dlogprob_vs_reference"] = max(abs(a - b) for k in lp for a, b in zip(lp[k], ref_lp[k]))
+            res["max_abs_dlogprob_vs_none"] = max(abs(a - b) for k in lp for a, b in zip(lp[k], baseline_lp[k]))
         t0 = time.perf_counter()
         outs: dict[str, list[int]] = {}
-        per_job = {}
-        for job, (reqs, sampling) in jobs.items():
-            done = list(eng.generate(reqs, sampling))
+        per_job, answers = {}, {}
+        for job, (reqs, sampling, _) in jobs.items():
+            hook = grammars[job].hook(sampling.max_new_tokens) if job in grammars else None
+            done = list(eng.generate(reqs, sampling, logits_hook=hook))
+            errors = [(r.key, r.error) for r in done if r.finish_reason == "error"]
+            assert not errors, errors  # an empty output would count as agreeing with an empty one
             got = {r.key: r.token_ids for r in done}
             texts[name].update({r.key: r.text for r in done})
             outs.update(got)
             if name == "none":
                 baseline_out.update(got)
+                baseline_text.update({r.key: r.text for r in done})
             per_job[job] = agreement({k: baseline_out[k] for k in got}, got)
+            if job in grammars:
+                answers[job] = answer_agreement({k: baseline_text[k] for k in got}, {r.key: r.text for r in done})
         if jobs:
             res["jobs"] = per_job
             res["all_jobs"] = agreement(baseline_out, outs)
             res["jobs_seconds"] = round(time.perf_counter() - t0, 1)
             res["generated_tokens"] = sum(map(len, outs.values()))
+            if answers:
+                res["answers"] = answers
         eng.close()
         saved[name] = outs
         results[name] = res
-        print(f"  {name}: ppl {res['ppl']:.4f} ({res['ppl_seconds']} s)"
-              + (f", jobs {res['all_jobs']['identical']}/{res['all_jobs']['rows']} identical ({res['jobs_seconds']} s)"
+        print(f"  {name}:" + (f" ppl {res['ppl']:.4f} ({res['ppl_seconds']} s)" if seqs else "")
+              + (f" jobs {res['all_jobs']['identical']}/{res['all_jobs']['rows']} identical ({res['jobs_seconds']} s)"
                  if jobs else ""), flush=True)
 
     if args.save_outputs:
-        args.save_outputs.write_text(json.dumps({"dtype": args.dtype, "settings": {
+        args.save_outputs.write_text(json.dumps({"dtype": args.dtype, "structured": args.structured, "settings": {
             n: {k: {"tokens": saved[n][k], "text": texts[n][k]} for k in saved[n]} for n in saved}}, indent=1))
-    base = results["none"]["ppl"]
     print()
-    print(f"{'setting':<12} {'perplexity':>10} {'Δ ppl':>7} {'max|Δlogp|':>10}  "
-          + (f"{'rows identical':>15} {'lead tokens':>11}  " + "  ".join(f"{j:>9}" for j in JOBS) if jobs else ""))
+    print(f"{'setting':<15} " + (f"{'perplexity':>10} {'Δ ppl':>7} {'max|Δlogp|':>10}  " if seqs else "")
+          + (f"{'rows identical':>15} {'lead tokens':>11}  " + "  ".join(f"{j:>9}" for j in JOBS) if jobs else "")
+          + "".join(f"  {j + ' answers':>17}" for j in grammars))
     for name, r in results.items():
-        line = (f"{name:<12} {r['ppl']:>10.4f} {100 * (r['ppl'] / base - 1):>+6.2f}% "
-                f"{r['max_abs_dlogprob_vs_none']:>10.2g}  ")
+        line = f"{name:<15} "
+        if seqs:
+            line += (f"{r['ppl']:>10.4f} {100 * (r['ppl'] / results['none']['ppl'] - 1):>+6.2f}% "
+                     f"{r['max_abs_dlogprob_vs_none']:>10.2g}  ")
         if jobs:
             a = r["all_jobs"]
             line += (f"{a['identical']:>6}/{a['rows']:<3} {a['identical_share']:>4.0%} {a['lead_share']:>11.1%}  "
                      + "  ".join(f"{r['jobs'][j]['identical']:>5}/{r['jobs'][j]['rows']:<3}" for j in JOBS))
+        line += "".join(f"  {r['answers'][j]['answers_equal']:>13}/{r['answers'][j]['rows']:<3}" for j in grammars)
         print(line)
-    print(f"reference_logits (no cache, no schedule): perplexity {ref['ppl']:.4f}; the engine's uncompressed run "
-          f"differs by {results['none']['ppl_vs_reference_rel']:.2e} (relative), per-token log-probs by at most "
-          f"{results['none']['max_abs_dlogprob_vs_reference']:.2e}")
+    if seqs:
+        print(f"reference_logits (no cache, no schedule): perplexity {ref['ppl']:.4f}; the engine's uncompressed run "
+              f"differs by {results['none']['ppl_vs_reference_rel']:.2e} (relative), per-token log-probs by at most "
+              f"{results['none']['max_abs_dlogprob_vs_reference']:.2e}")
     print(json.dumps({"benchmark": "compression_accuracy", "model": args.model, "dtype": args.dtype,
                       "threads": torch.get_num_threads(), "prefix": args.prefix, "cap": args.max_new_tokens,
-                      "date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg()[0],
-                      "reference": ref, "weight_roundtrip_max_abs": roundtrip, "settings": results}))
+                      "structured": args.structured, "date": time.strftime("%Y-%m-%d"),
+                      "load_average": os.getloadavg()[0], "reference": ref, "weight_roundtrip_max_abs": roundtrip,
+                      "settings": results}))
 
 
 if __name__ == "__main__":

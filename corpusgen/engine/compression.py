@@ -35,11 +35,14 @@ Re-quantising those floats with group 64 adds a second rounding error on top of 
 stores blocks of 32 along the row as ``d * q + m`` (fp16 ``d`` and ``m``, ``q`` in 0..15, with
 ``m`` the block minimum and ``d = (max - min) / 15``, so codes 0 and 15 both occur): with
 ``group_size=32`` on the same axis our groups *are* its blocks, our min and scale come out equal
-to ``m`` and ``d``, and the codes are reproduced — the second round trip is exact up to float
-rounding (tests/test_compression.py checks this). ``Q4_0`` (``d * (q - 8)``) and the K-quants
-(sub-blocks of 32) are reproduced exactly in every block whose codes span the full range, and
-elsewhere the extra error stays below half a GGUF step. So use ``group_size: 32`` for GGUF Q4
-sources; the size cost is 4 bytes per 32 values instead of per 64 (0.31 vs 0.28 of fp16).
+to ``m`` and ``d``, and the codes are reproduced — the second round trip is exact, bit for bit
+from the loader's fp32 values (tests/test_compression.py, tests/test_compression_accuracy.py;
+``open_engine`` quantises GGUF weights from fp32 for this reason). With group 64 the default
+model's perplexity rises 42 % (docs/benchmarks.md). ``Q4_0`` (``d * (q - 8)``) and the K-quants
+(sub-blocks of 32) are reproduced exactly only in blocks whose codes span the full range (rare
+for Q4_0, whose ``d`` is set by the largest |value|); elsewhere the extra error stays below half
+a GGUF step. So use ``group_size: 32`` for GGUF Q4 sources; the size cost is 4 bytes per 32
+values instead of per 64 (0.31 vs 0.28 of fp16).
 
 Dequantisation on CUDA runs the fused Triton kernel :func:`dequantize_triton` (4-bit, grouped on
 the last axis) when triton imports; everything else uses torch ops. ``TRITON_INTERPRET=1`` also

@@ -213,7 +213,10 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
     else:
         if resolve_source(model) is None:
             raise ModelError(f"{model}: a preset has shapes but no weights; add --dummy, or give a checkpoint directory or .gguf file")
-        units = iter_units(model, cfg, dtype=dt)
+        # GGUF tensors are dequantised to fp32 anyway; weights to be compressed are quantised from
+        # those fp32 values, so 4-bit group-32 re-quantisation of Q4_1 is exact in any compute dtype.
+        gguf_fp32 = policy.compress_weights is not None and resolve_source(model).suffix == ".gguf"
+        units = iter_units(model, cfg, dtype=torch.float32 if gguf_fp32 else dt)
         if tokenizer is None:
             from corpusgen.engine.tokenizer import load_tokenizer
 

@@ -99,7 +99,9 @@ class WeightStore:
                 record[name] = shared[id(t)]
                 continue
             if comp is not None and compressible(unit, name, t):
-                p = _quantize_rows(t.to(self.dtype), comp.bits, comp.group_size)
+                # From the values as loaded (fp32 for GGUF, see open_engine), not their rounding to
+                # the compute dtype: dequantised output is then cast exactly as the plain weight is.
+                p = _quantize_rows(t, comp.bits, comp.group_size)
                 meta[name] = (p.shape, p.dtype, p.bits, p.group_size, p.axis)
                 for part, buf in zip(_PARTS, p.buffers):
                     record[f"{name}.{part}"] = self._place(buf, tier)
