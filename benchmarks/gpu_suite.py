@@ -49,9 +49,11 @@ def check() -> None:
         d = tempfile.mkdtemp()
         hf.save_pretrained(d)
 
-        def gen(device, rq=reqs, **pol):
+        def gen(device, rq=reqs, eos=None, **pol):
             eng = open_engine(d, dtype="float32", device=device, tokenizer=IdTokenizer(99), offload_dir=tempfile.mkdtemp(),
                               policy=Policy(**pol))
+            if eos is not None:
+                eng.block.eos = eos
             host = [t for r, tier in zip(eng.store.records, eng.store.tier) if tier == "cpu" for t in r.values()]
             if device == "cuda" and host:
                 assert all(t.is_pinned() for t in host), "host-tier weights are not pinned"
@@ -66,6 +68,21 @@ def check() -> None:
             got = gen("cuda", preqs, gpu_batch_size=2, num_gpu_batches=3, **pl)
             failures += got != pref
             print(f"check {name} shared prefix {pl}: {'OK' if got == pref else 'MISMATCH'}")
+
+        if name == "llama":  # rows ending early: compaction, merging of batches, refill, on CUDA
+            many = [[21, 22, 23, 24, 25, 26] + [(5 * i + 3 * j) % 80 + 10 for j in range(1 + i % 6)] for i in range(17)]
+            mreqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(many)]
+            free = gen("cpu", mreqs, eos=set(), gpu_batch_size=17)
+            counts: dict[int, int] = {}
+            for toks in free:
+                for t in set(toks[1:8]):
+                    counts[t] = counts.get(t, 0) + 1
+            eos = {max(counts, key=counts.get)}
+            mref = gen("cpu", mreqs, eos=eos, gpu_batch_size=17, refill=False, shared_prefix=False)
+            for pl in placements:
+                got = gen("cuda", mreqs, eos=eos, gpu_batch_size=4, num_gpu_batches=2, **pl)
+                failures += got != mref
+                print(f"check {name} early exit + merge + refill {pl}: {'OK' if got == mref else 'MISMATCH'}")
 
         ref = gen("cpu", gpu_batch_size=6)
         for pl in placements:
@@ -163,9 +180,11 @@ def trace(model: str = "opt-6.7b", n: int = 128, gen: int = 4) -> None:
     eng.block.eos = set()
     reqs = [Request(key=str(i), prompt_ids=list(range(10, 522))) for i in range(n)]
     list(eng.generate(reqs, SamplingSettings(max_new_tokens=2)))
-    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         list(eng.generate(reqs, SamplingSettings(max_new_tokens=gen)))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=25,
+                                                             max_name_column_width=30, max_shapes_column_width=90))
     print("decode s/step", eng.stats.decode_seconds / (1 + gen - 1))
 
 

@@ -235,12 +235,13 @@ def test_host_arena_counts_live_bytes_only():
     arena = HostArena(budget=4096)
     t = arena.empty((16, 32), torch.float32)  # 2048 bytes, exactly (no power-of-two rounding)
     assert arena.used == 2048 and t.shape == (16, 32) and t.dtype == torch.float32
+    t.fill_(1.5)
     view = t[:2]
     with pytest.raises(BudgetError, match="cpu_memory budget"):
         arena.empty((3000,), torch.uint8)
     del t
     gc.collect()
-    assert arena.used == 0 and view.sum().item() == view.sum().item()  # a surviving view stays readable
+    assert arena.used == 0 and view.sum().item() == 1.5 * 64  # a surviving view stays readable (uninitialised memory could hold NaN: filled first)
     for _ in range(10):  # far more than the budget in total, never more at once
         arena.empty((1024,), torch.float32)
     assert arena.used == 0 and arena.peak == 4096
@@ -275,9 +276,9 @@ def test_chunked_weight_quantisation_equals_whole():
 
 
 def test_refill_and_early_exit_do_not_change_outputs(tiny, tmp_path):
-    """Rows ending early (EOS) are compacted out and waiting rows join mid-block as new GPU
-    batches; every row's greedy output must equal the fixed-block (FlexGen-style) run's, on
-    resident and offloaded placements."""
+    """Rows ending early (EOS) are compacted out, partly finished batches are merged (realigned
+    at the later column) and waiting rows join mid-block as new GPU batches; every row's greedy
+    output must equal the fixed-block (FlexGen-style) run's, on resident and offloaded placements."""
     name, hf, path = tiny
     if name not in ("llama", "qwen2"):
         pytest.skip("refill is family-independent; the tiny OPT repeats one token, so no row ends early")
@@ -299,6 +300,7 @@ def test_refill_and_early_exit_do_not_change_outputs(tiny, tmp_path):
         eng.stats.prompt_tokens = 0
         reqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(prompts)]
         out = {r.key: (r.token_ids, r.finish_reason) for r in eng.generate(reqs, SamplingSettings(max_new_tokens=10))}
+        run.merges = getattr(run, "merges", 0) + eng.stats.batch_merges
         eng.close()
         return [out[str(i)] for i in range(len(prompts))]
 
@@ -315,6 +317,7 @@ def test_refill_and_early_exit_do_not_change_outputs(tiny, tmp_path):
             assert got == ref, pol
         else:
             assert got == base, pol
+    assert run.merges > 0, "no partly finished batches were merged: the test lost its teeth"
 
 
 PREFIX = [21, 22, 23, 24, 25, 26]
@@ -353,6 +356,48 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(tiny, placement, tmp
         assert st.prefix_reused_tokens >= len(PREFIX) * len(PREFIXED), st
     if placement is None:
         assert plain_first == _hf_greedy(hf, PREFIXED)
+
+
+@pytest.mark.parametrize("grow", [64, 3])
+@pytest.mark.parametrize("placement", [None, 3, 4, 7, "compressed"])
+def test_merged_batches_keep_outputs_with_shared_prefix(tiny, placement, grow, tmp_path, monkeypatch):
+    """Batches that end rows early at different depths are merged (the shallower one's rows move
+    right, into padding behind the shared prefix), holes are topped up with new rows, and KV
+    caches widen as rows generate (``grow`` columns at a time), in each KV layout (GPU tier; host
+    seq-major; host batch-major with CPU attention) and compressed: every row's greedy output
+    equals the run without prefix, refill, merging or growth."""
+    name, hf, path = tiny
+    if name != "llama":
+        pytest.skip("merging is family-independent; the tiny OPT repeats one token, so no row ends early")
+    from corpusgen.engine import schedule
+
+    pol = {} if placement is None else dict(compress_kv=Compression(bits=8, group_size=4)) \
+        if placement == "compressed" else PLACEMENTS[placement]
+    prompts = [PREFIX + [(5 * i + 3 * j) % 80 + 10 for j in range(1 + i % 6)] for i in range(17)]
+
+    def run(eos, cols=64, **kw):
+        monkeypatch.setattr(schedule, "KV_GROW", cols)
+        eng = open_engine(path, dtype="float32", device="cpu", tokenizer=IdTokenizer(99), offload_dir=str(tmp_path),
+                          policy=Policy(gpu_batch_size=4, num_gpu_batches=2, **pol, **kw))
+        eng.block.eos = eos
+        reqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(prompts)]
+        out = {r.key: (r.token_ids, r.finish_reason) for r in eng.generate(reqs, SamplingSettings(max_new_tokens=12))}
+        merges, grows = eng.stats.batch_merges, eng.stats.kv_grows
+        run.top_ups = getattr(run, "top_ups", 0) + eng.stats.top_ups
+        eng.close()
+        return [out[str(i)] for i in range(len(prompts))], (merges, grows)
+
+    free, _ = run(set(), refill=False, shared_prefix=False)
+    counts: dict[int, int] = {}
+    for toks, _ in free:  # an EOS token that ends many rows early, at different steps
+        for t in set(toks[1:8]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = {max(counts, key=counts.get)}
+    base, _ = run(eos, refill=False, shared_prefix=False)
+    got, (merges, grows) = run(eos, grow, refill=True, shared_prefix=True)
+    assert got == base, pol
+    assert merges > 0 and run.top_ups > 0, "no batches were merged or topped up: the test lost its teeth"
+    assert (grows > 0) == (grow < 12), "caches should widen exactly when KV_GROW < max_new_tokens"
 
 
 def test_shared_prefix_choice(tiny):

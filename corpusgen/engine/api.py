@@ -72,6 +72,9 @@ class EngineStats:
     prefix_computes: int = 0  # times a shared prompt prefix was run through the model
     prefix_tokens: int = 0  # length of the current shared prefix
     prefix_reused_tokens: int = 0  # prompt tokens not computed because the prefix's K/V was reused
+    batch_merges: int = 0  # partly finished GPU batches merged into one (refill)
+    top_ups: int = 0  # batches admitted to fill a decoding batch's hole (refill), merged after prefill
+    kv_grows: int = 0  # times a batch's KV cache was widened as its rows generated
     peak_bytes: dict[str, int] = field(default_factory=dict)
 
 

@@ -233,6 +233,7 @@ class StageEngine(BlockEngine):
         ``prefix`` is accepted for the Engine interface and not used."""
         st = self.stage
         queue = deque(requests)
+        self._widest = 0
         subs: list[list[_Batch]] = [[] for _ in range(st.count)]
         owed = [False] * st.count  # sub-block i's last turn still awaits its tokens from the last stage
         try:
@@ -243,6 +244,7 @@ class StageEngine(BlockEngine):
                         yield from self._receive_tokens(batches, sampling)
                     t0 = time.perf_counter()
                     self._admit(queue, batches, sampling)
+                    self._grow(batches, sampling.max_new_tokens)
                     self.admit_seconds += time.perf_counter() - t0
                     if not batches:
                         continue
@@ -315,16 +317,6 @@ class StageEngine(BlockEngine):
         self._advance(batches)
         return done
 
-    def _advance(self, batches: list[_Batch]) -> None:
-        """After a turn's tokens: what BlockEngine.run does after sampling (next column, drop
-        finished batches, compact batches at ≥ 25 % finished)."""
-        for b in batches:
-            b.col = b.ids_width if b.col == b.start else b.col + 1
-        batches[:] = [b for b in batches if any(f is None for f in b.finish)]
-        if self.policy.refill:
-            for b in batches:
-                if sum(f is not None for f in b.finish) * 4 >= len(b.rows):
-                    self._compact(b)
 
 
 @dataclass

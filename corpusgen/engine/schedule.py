@@ -59,6 +59,12 @@ from corpusgen.engine.sampling import find_stop, row_generator, sample
 from corpusgen.policy.policy import Policy
 
 
+KV_GROW = 64
+"""KV columns a batch's cache is allocated (beyond its prompt) and then widened by, as its rows
+generate: memory follows use, while a widening copy (one per 64 steps) costs little next to the
+64 steps' attention reads of the same cache."""
+
+
 @dataclass
 class _Batch:
     """One GPU batch of a block: its rows, their padding, its activations and KV cache."""
@@ -78,7 +84,8 @@ class _Batch:
     ids_width: int = 0  # prompt width (columns) of this batch, shared prefix included
     start: int = 0  # first column of the prompt step: the shared prefix's length, or 0
     col: int = 0  # column of this batch's next input (== start: the prompt, not yet prefilled)
-    pos_col: int = -1  # column for which ``positions``/``aux`` were computed
+    pos_col: int = -1  # column for which ``positions``/``aux``/``masks`` were computed
+    masks: dict = field(default_factory=dict)  # this step's attention masks, by device type
     positions: torch.Tensor | None = None  # (b, s) token positions of this step's inputs
     aux: object = None  # the family's per-step values (Llama: rotary cos/sin)
 
@@ -129,6 +136,7 @@ class BlockEngine:
         self.stats = EngineStats()
         self.scale = cfg.head_dim ** -0.5
         self._prefix: _Batch | None = None  # the shared prefix's one-row batch, holding its K/V
+        self._widest = 0  # KV columns of the widest batch admitted in this run (bounds merges)
 
     # ------------------------------------------------------------------ the block
     def run(self, requests: Sequence[Request], sampling: SamplingSettings, logits_hook=None,
@@ -149,9 +157,11 @@ class BlockEngine:
         p = self.policy
         queue = deque(requests)
         batches: list[_Batch] = []
+        self._widest = 0
         plen = self._set_prefix(prefix)
         while queue or batches:
             self._admit(queue, batches, sampling, plen)
+            self._grow(batches, sampling.max_new_tokens)
             prefill_only = all(b.col == b.start for b in batches)
             dt = self._pass(batches)
             if prefill_only:
@@ -159,15 +169,23 @@ class BlockEngine:
             else:
                 self.stats.decode_seconds += dt
             yield from self._sample(batches, sampling, logits_hook, last=False)
-            for b in batches:
-                b.col = b.ids_width if b.col == b.start else b.col + 1
-            batches[:] = [b for b in batches if any(f is None for f in b.finish)]
-            if p.refill:
-                for b in batches:
-                    if sum(f is not None for f in b.finish) * 4 >= len(b.rows):  # compact at ≥ 25 % finished
-                        self._compact(b)
+            self._advance(batches)
 
     run_block = run
+
+    def _advance(self, batches: list[_Batch]) -> None:
+        """After a token step's sampling: every batch moves to its next column, finished batches
+        leave, and with refill finished rows are compacted out (at ≥ 25 % of a batch) and batches
+        whose live rows fit one GPU batch are merged, so freed slots become whole batches that
+        waiting rows can fill."""
+        for b in batches:
+            b.col = b.ids_width if b.col == b.start else b.col + 1
+        batches[:] = [b for b in batches if any(f is None for f in b.finish)]
+        if self.policy.refill:
+            for b in batches:
+                if sum(f is not None for f in b.finish) * 4 >= len(b.rows):
+                    self._compact(b)
+            self._merge(batches)
 
     def _pass(self, batches: list[_Batch]) -> float:
         """One token step: every unit once, every GPU batch under it. Returns its seconds."""
@@ -208,11 +226,13 @@ class BlockEngine:
 
     def _admit(self, queue: deque, batches: list[_Batch], sampling: SamplingSettings, plen: int = 0) -> None:
         """Form new GPU batches from waiting rows while the block has room for a whole batch
-        (without refill: only when the block is empty, then as many batches as fit)."""
+        (without refill: only when the block is empty, then as many batches as fit). With refill,
+        a decoding batch's hole of at least a quarter batch is topped up too: a batch of that many
+        rows joins, and after its prefill it merges into the batch with the hole (``_merge``)."""
         p = self.policy
         if not p.refill and batches:
             return
-        active = sum(sum(f is None for f in b.finish) for b in batches)
+        active = sum(_live(b) for b in batches)
         prefix = tuple(self._prefix.rows[0].prompt_ids) if plen else ()
         has_prefix = lambda r: plen and len(r.prompt_ids) > plen and tuple(r.prompt_ids[:plen]) == prefix  # noqa: E731
         own = lambda r: len(r.prompt_ids) - plen if has_prefix(r) else len(r.prompt_ids)  # noqa: E731
@@ -220,15 +240,22 @@ class BlockEngine:
         while queue and len(batches) < 2 * p.num_gpu_batches:
             take = min(p.gpu_batch_size, len(queue))
             if active + take > p.block_size:
-                break
+                if not p.refill:
+                    break
+                holes = [p.gpu_batch_size - _live(b) for b in batches if b.col > b.start]
+                take = min(max(holes, default=0), p.block_size - active, len(queue))
+                if take < max(1, p.gpu_batch_size // 4) or any(b.col == b.start for b in batches):
+                    break  # no hole worth a prefill, or a top-up already waits for its prefill
+                self.stats.top_ups += 1
             rows = [queue.popleft() for _ in range(take)]
             start = plen if plen and all(has_prefix(r) for r in rows) else 0
             if width is None or not p.refill:  # a block admitted at once shares one width (fixed columns)
                 width = max(map(own, rows)) if p.refill else max(
                     map(own, [*rows, *list(queue)[:p.block_size - active - take]]))
             b = self._make_batch(rows, sampling, max(width, max(len(r.prompt_ids) - start for r in rows)), start)
-            b.kv = [self._alloc_kv(j, len(rows), b.ids_width + sampling.max_new_tokens)
+            b.kv = [self._alloc_kv(j, len(rows), b.ids_width + min(sampling.max_new_tokens, KV_GROW))
                     for j in range(self.cfg.num_layers)]
+            self._widest = max(self._widest, b.ids_width + sampling.max_new_tokens)
             if start:
                 self._copy_prefix(b)
                 self.stats.prefix_reused_tokens += start * len(rows)
@@ -238,11 +265,104 @@ class BlockEngine:
             if p.refill:
                 width = None
 
+    def _grow(self, batches: list[_Batch], max_new: int) -> None:
+        """Widen the KV cache of every batch whose next input has no column left, by KV_GROW
+        columns (or what its rows can still use): KV memory follows what rows generate, not the
+        worst case of max_new_tokens for every row."""
+        for b in batches:
+            if b.kv and b.col > b.start and b.col >= self._capacity(b):
+                room = max(max_new - len(t) for t, f in zip(b.tokens, b.finish) if f is None)
+                self._sync_stores(b)
+                b.kv = self._realigned_kv([b], b.col, b.col + min(KV_GROW, max(room, 1)))
+                self.stats.kv_grows += 1
+
+    def _merge(self, batches: list[_Batch]) -> None:
+        """Merge decoding batches whose live rows fit one GPU batch (``_merged``), smallest first,
+        while the merged cache stays within the widest one this run admitted: on a host-bound GPU a
+        step costs per batch, not per row, so two half-empty batches cost twice one full one."""
+        cap = self.policy.gpu_batch_size
+        while True:
+            live = sorted((b for b in batches if b.col > b.start and b.kv), key=_live)
+            pair = next(((a, b) for i, a in enumerate(live) for b in live[i + 1:]
+                         if a.start == b.start and _live(a) + _live(b) <= cap and self._merged_width(a, b) <= self._widest),
+                        None)
+            if pair is None:
+                return
+            a, b = pair
+            merged = self._merged(a, b)
+            batches[batches.index(a)] = merged
+            batches.remove(b)
+            self.stats.batch_merges += 1
+
+    def _capacity(self, b: _Batch) -> int:
+        """Columns of batch ``b``'s KV buffers."""
+        dim = 0 if self.kv_tier[0] == "cpu" and self.host_seq_major else 2
+        return b.kv[0][0].shape[dim]
+
+    def _merged_width(self, a: _Batch, b: _Batch) -> int:
+        """KV columns of ``a`` and ``b`` merged: aligned at the later column, with the room each
+        still has. Bounded by the widest batch admitted, the block's KV stays within (rows alive)
+        x (that width), the bound it had without merging."""
+        return max(a.col, b.col) + max(self._capacity(x) - x.col for x in (a, b))
+
+    def _merged(self, a: _Batch, b: _Batch) -> _Batch:
+        """One batch of ``a``'s and ``b``'s live rows, aligned at the later column: the earlier
+        batch's rows move right by the difference, into more left padding behind the shared prefix
+        (layers.py's convention), so every row keeps its positions and its attention."""
+        for x in (a, b):
+            self._compact(x)
+            self._sync_stores(x)
+        col, width = max(a.col, b.col), self._merged_width(a, b)
+        n = len(a.rows) + len(b.rows)
+        shifts = [col - a.col] * len(a.rows) + [col - b.col] * len(b.rows)
+        kv = self._realigned_kv([a, b], col, width)
+        pad_cpu = torch.cat([a.pad_cpu, b.pad_cpu]) + torch.tensor(shifts, dtype=torch.long)
+        gens = a.gens + b.gens if a.gens is not None and b.gens is not None else None
+        return _Batch(rows=a.rows + b.rows, pad=pad_cpu.to(self.device), pad_cpu=pad_cpu,
+                      ids=torch.cat([a.ids, b.ids]), kv=kv, tokens=a.tokens + b.tokens, finish=[None] * n,
+                      gens=gens, no_pad=bool((pad_cpu == 0).all()), ids_width=max(a.ids_width, b.ids_width),
+                      start=a.start, col=col)
+
+    def _realigned_kv(self, parts: list[_Batch], col: int, width: int) -> list:
+        """New K/V buffers of ``width`` columns holding the rows of ``parts`` in order, each part's
+        columns [0, part.col) moved so that it ends at ``col``: the shared prefix stays at
+        [0, start), the rest shifts right into padding (zeroed: masked, but it must be finite, as
+        0 x NaN is NaN in P @ V). Layer by layer, freeing the parts' buffers as it goes, so at most
+        one layer's KV is held twice. Packed caches are copied as codes, never re-quantised."""
+        n, start = sum(len(x.rows) for x in parts), parts[0].start
+        kv = []
+        for layer in range(len(parts[0].kv)):
+            seq_dim, row_dim = (0, 1) if self.kv_tier[layer] == "cpu" and self.host_seq_major else (2, 0)
+            dst = self._alloc_kv(layer, n, width)
+            row = 0
+            for x in parts:
+                shift, m = col - x.col, len(x.rows)
+                for src_c, dst_c in zip(x.kv[layer], dst):
+                    pairs = zip(src_c.buffers, dst_c.buffers) if isinstance(dst_c, cq.Packed) else ((src_c, dst_c),)
+                    for s_t, d_t in pairs:
+                        d_t = d_t.narrow(row_dim, row, m)
+                        if start:
+                            d_t.narrow(seq_dim, 0, start).copy_(s_t.narrow(seq_dim, 0, start))
+                        if shift:
+                            d_t.narrow(seq_dim, start, shift).zero_()
+                        d_t.narrow(seq_dim, start + shift, x.col - start).copy_(s_t.narrow(seq_dim, start, x.col - start))
+                row += m
+                x.kv[layer] = None
+            kv.append(dst)
+        return kv
+
+    @staticmethod
+    def _sync_stores(b: _Batch) -> None:
+        """Wait for the store stream's last copies into ``b``'s host KV (before host-side reads)."""
+        if b.stored is not None:
+            b.stored.synchronize()
+
     def _compact(self, b: _Batch) -> None:
         """Drop finished rows from batch ``b``: their KV, padding, tokens and generators."""
         keep = [i for i, f in enumerate(b.finish) if f is None]
         if len(keep) == len(b.rows):
             return
+        self._sync_stores(b)
         idx = torch.tensor(keep, dtype=torch.long)
         for layer, (kc, vc) in enumerate(b.kv):
             dim = 1 if self.kv_tier[layer] == "cpu" and self.host_seq_major else 0
@@ -363,6 +483,7 @@ class BlockEngine:
             b.positions = L.positions_from_pad(b.pad, col, q_len, b.start)
             b.aux = fam.prepare(cfg, b.positions, self.dtype)
             b.pos_col = col
+            b.masks = {}
         positions = b.positions
         if j == 0:
             h = fam.embed(cfg, w, b.ids, positions)
@@ -394,7 +515,7 @@ class BlockEngine:
             self._kv_write(layer, vc, vh, col)
             dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype  # CPUs have no fast fp16
             ks, vs = self._kv_view(layer, kc, end).to(dt), self._kv_view(layer, vc, end).to(dt)
-            mask = None if no_pad else L.attention_mask(b.pad_cpu, col, q_len, end, b.start)
+            mask = None if no_pad else self._mask(b, b.pad_cpu, col, q_len, end)
             attn = L.attend(qh.to(dt), ks, vs, mask, self.scale)
             attn = attn.to(self.dtype).to(self.device, non_blocking=True)
         elif on_cpu:
@@ -436,8 +557,17 @@ class BlockEngine:
     def _attend(self, q, ks, vs, b: _Batch, col: int, q_len: int, end: int) -> torch.Tensor:
         if b.no_pad and (col == 0 or q_len == 1):  # causal prefill or unmasked decode: fused kernels
             return L.attend(q, ks.to(q.dtype), vs.to(q.dtype), None, self.scale, causal=col == 0 and q_len > 1)
-        mask = L.attention_mask(b.pad, col, q_len, end, b.start)
+        mask = self._mask(b, b.pad, col, q_len, end)
         return L.attend(q, ks.to(q.dtype), vs.to(q.dtype), mask, self.scale)
+
+    @staticmethod
+    def _mask(b: _Batch, pad: torch.Tensor, col: int, q_len: int, end: int) -> torch.Tensor:
+        """The step's attention mask of batch ``b`` on ``pad``'s device: built once per step, not
+        per layer (on a host-bound GPU its ~10 small kernels per layer were a tenth of a step)."""
+        key = pad.device.type
+        if key not in b.masks:
+            b.masks[key] = L.attention_mask(pad, col, q_len, end, b.start)
+        return b.masks[key]
 
     def _sample(self, batches: list[_Batch], s: SamplingSettings, hook, last: bool) -> list[Result]:
         done: list[Result] = []
@@ -474,6 +604,11 @@ class BlockEngine:
                     done.append(Result(key=r.key, token_ids=list(b.tokens[i]), text=text, finish_reason=b.finish[i],
                                        prompt_tokens=len(r.prompt_ids)))
         return done
+
+
+def _live(b: _Batch) -> int:
+    """Rows of ``b`` still generating."""
+    return sum(f is None for f in b.finish)
 
 
 def _select(c, dim: int, idx: torch.Tensor, arena):
