@@ -6,7 +6,9 @@ Six settings of one model (SmolLM2-135M-Instruct, the Q4_1 GGUF the default mode
 no compression, 4-bit weights (group 64), 4-bit KV cache (group 64), both, 4-bit weights with
 group 32 — the GGUF Q4_1 block size, which reproduces the checkpoint's own 4-bit tensors exactly
 (see the docstring of corpusgen/engine/compression.py) — and that with the 4-bit KV cache. More
-(KV cache with groups 32 or 16, or 8 bits) with ``--settings``. For each setting:
+(KV cache with groups 32 or 16, or 8 bits) with ``--settings``. Every KV setting quantises K and V
+rotated (``compress_kv.rotate``, the default); its ``… norot`` twin (e.g. ``"kv4 g64 norot"``)
+quantises them as they are, FlexGen's way. For each setting:
 
 1. **Perplexity** on benchmarks/data/heldout.txt (paragraphs written for this benchmark, in no job
    or job corpus), computed *through the engine* by teacher forcing: each paragraph is a row whose
@@ -46,7 +48,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 HELDOUT = REPO / "benchmarks" / "data" / "heldout.txt"
 JOBS = ("extract", "classify", "summarize")
-SETTINGS = {  # name -> (compress_weights, compress_kv) as (bits, group_size)
+SETTINGS = {  # name -> (compress_weights, compress_kv) as (bits, group_size[, rotate])
     "none": (None, None),
     "w4 g64": ((4, 64), None),
     "kv4 g64": (None, (4, 64)),
@@ -58,6 +60,9 @@ SETTINGS = {  # name -> (compress_weights, compress_kv) as (bits, group_size)
     "kv4 g16": (None, (4, 16)),
     "kv8 g64": (None, (8, 64)),
 }
+# "<setting> norot": its KV cache quantised without the rotation (compress_kv.rotate: false), the
+# plain FlexGen groups; the settings above rotate K/V first, the policy's default.
+SETTINGS.update({f"{name} norot": (w, (*kv, False)) for name, (w, kv) in list(SETTINGS.items()) if kv})
 DEFAULT_SETTINGS = ("none", "w4 g64", "kv4 g64", "w4+kv4 g64", "w4 g32", "w4 g32+kv4 g64")
 
 
@@ -281,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         w, kv = SETTINGS[name]
         policy = Policy(gpu_batch_size=args.batch, refill=False,
                         compress_weights=Compression(bits=w[0], group_size=w[1]) if w else None,
-                        compress_kv=Compression(bits=kv[0], group_size=kv[1]) if kv else None)
+                        compress_kv=Compression(bits=kv[0], group_size=kv[1], rotate=kv[2:] != (False,))
+                        if kv else None)
         eng = open_engine(args.model, device="cpu", dtype=args.dtype, policy=policy, tokenizer=tok)
         res: dict = {}
         if seqs:

@@ -1,6 +1,7 @@
 """Our engine against transformers' batched generate() on the default model, on the CPU.
 
     python benchmarks/cpu_vs_transformers.py [--dtype float32] [--rows 16] [--max-new-tokens 32] [--batch 16]
+                                             [--hf-onednn] [--ours-mkl]
 
 Both systems get the same token ids (sample rows rendered through the chat template), the same
 dequantised weights (transformers' ``LlamaForCausalLM`` is filled from our units: it cannot load
@@ -11,6 +12,12 @@ block schedule with ``gpu_batch_size=--batch``. Throughput counts real generated
 Each system is timed ``--repeat`` times (interleaved) after a warm-up; medians are printed.
 Our engine is run a second time in bf16 (its default on CPUs with AVX512-BF16) unless
 ``--no-bf16``; its outputs are compared with transformers' at ``--dtype``.
+
+In fp32 our engine's linears go through oneDNN's fp32 matmul (layers.linear, after a numeric
+probe). ``--hf-onednn`` adds a transformers row with ``torch.backends.mkldnn.matmul.fp32_precision
+= "bf16"`` set around its generate() calls: on CPUs without AMX (and when the same probe passes
+for F.linear under the flag) that reaches the same oneDNN fp32 kernel. ``--ours-mkl`` adds a row
+of our engine with MKL's matmul (layers.CPU_ONEDNN_FP32 = False), the path before this change.
 """
 
 from __future__ import annotations
@@ -97,6 +104,32 @@ def run_hf(model, prompts: list[list[int]], max_new: int, batch: int, pad_id: in
     return outputs, time.perf_counter() - t0
 
 
+def with_flag(run):
+    """``run`` with fp32 CPU matmuls through oneDNN for F.linear too (the flag is restored)."""
+    def flagged(prompts):
+        old = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        try:
+            return run(prompts)
+        finally:
+            torch.backends.mkldnn.matmul.fp32_precision = old
+    return flagged
+
+
+def with_route(run, onednn: bool):
+    """``run`` with our fp32 CPU linears forced through oneDNN or MKL."""
+    from corpusgen.engine import layers
+
+    def routed(prompts):
+        old = layers.CPU_ONEDNN_FP32
+        layers.CPU_ONEDNN_FP32 = onednn
+        try:
+            return run(prompts)
+        finally:
+            layers.CPU_ONEDNN_FP32 = old
+    return routed
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:
     same = sum(x == y for x, y in zip(a, b))
     return f"{same}/{len(a)} rows identical"
@@ -114,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per system (median reported)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--no-bf16", action="store_true", help="skip the extra bf16 run of our engine")
+    ap.add_argument("--hf-onednn", action="store_true",
+                    help="add transformers with torch.backends.mkldnn.matmul.fp32_precision='bf16' (oneDNN)")
+    ap.add_argument("--ours-mkl", action="store_true", help="add our engine with MKL's fp32 matmul")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -133,12 +169,22 @@ def main(argv: list[str] | None = None) -> None:
     hf = hf_llama(cfg, dict(iter_units("default", cfg, dtype=torch.float32)), eos).to(DTYPES[args.dtype])
     systems = {f"transformers {args.dtype}": lambda p: run_hf(hf, p, args.max_new_tokens, args.batch,
                                                              tok.pad_token_id, eos)}
+    fp32 = args.dtype == "float32"
+    if args.hf_onednn and fp32:
+        from corpusgen.engine.layers import onednn_fp32_probe
+
+        flagged_linear = lambda x, w: with_flag(lambda _: torch.nn.functional.linear(x, w))(None)
+        if not onednn_fp32_probe(flagged_linear):
+            raise SystemExit("--hf-onednn: with the flag, F.linear is not fp32 on this CPU (the probe failed)")
+        systems[f"transformers {args.dtype} +oneDNN"] = with_flag(systems[f"transformers {args.dtype}"])
     engines = [open_engine("default", device="cpu", dtype=args.dtype, tokenizer=tok, policy=policy)]
     if not args.no_bf16 and args.dtype != "bfloat16":
         engines.append(open_engine("default", device="cpu", dtype="bfloat16", tokenizer=tok, policy=policy))
     for eng in engines:
         name = f"corpusgen {str(eng.dtype).removeprefix('torch.')}"
         systems[name] = lambda p, eng=eng: run_ours(eng, p, args.max_new_tokens)
+    if args.ours_mkl and fp32:
+        systems[f"corpusgen {args.dtype} MKL matmul"] = with_route(systems[f"corpusgen {args.dtype}"], onednn=False)
 
     for run in systems.values():  # warm-up: first calls pay for oneDNN/kernel selection
         run(prompts[:2])
@@ -153,14 +199,14 @@ def main(argv: list[str] | None = None) -> None:
     ref_name = f"transformers {args.dtype}"
     ref = outputs[ref_name]
     hf_tps = None
-    print(f"{'system':<22} {'gen tokens':>10} {'median s':>9} {'tokens/s':>9} {'vs HF':>6}  outputs vs {ref_name}")
+    print(f"{'system':<30} {'gen tokens':>10} {'median s':>9} {'tokens/s':>9} {'vs HF':>6}  outputs vs {ref_name}")
     for name in systems:
         tokens = sum(map(len, outputs[name]))
         med = statistics.median(seconds[name])
         tps = tokens / med
         hf_tps = hf_tps or tps
         runs = ", ".join(f"{s:.2f}" for s in seconds[name])
-        print(f"{name:<22} {tokens:>10} {med:>9.2f} {tps:>9.1f} {tps / hf_tps:>5.2f}x  "
+        print(f"{name:<30} {tokens:>10} {med:>9.2f} {tps:>9.1f} {tps / hf_tps:>5.2f}x  "
               f"{'-' if name == ref_name else agreement(outputs[name], ref)}  (runs: {runs} s)")
     print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     for eng in engines:

@@ -194,3 +194,20 @@ def test_measure_on_cpu(tmp_path):
     assert prof.cpu_attention_gbps > 0 and prof.gpu_dequant_gbps > 0
     assert load_profile(save_profile(prof, tmp_path / "p.yaml")) == prof
     assert not list(tmp_path.glob(".corpusgen-probe-*"))
+
+
+def test_compress_kv_rotate_option():
+    """``compress_kv.rotate`` (K/V quantised in a rotated basis) defaults to on, can be switched
+    off to A/B it, survives a YAML round trip, and is refused where it means nothing (weights)
+    or is not a boolean."""
+    from corpusgen.errors import PolicyError
+
+    assert policy_from_dict({"compress_kv": {"bits": 4}}).compress_kv.rotate
+    assert policy_from_dict({"compress_kv": True}).compress_kv.rotate
+    off = policy_from_dict({"compress_kv": {"bits": 4, "group_size": 64, "rotate": False}})
+    assert off.compress_kv == Compression(bits=4, group_size=64, rotate=False)
+    assert off.to_dict()["compress_kv"] == {"bits": 4, "group_size": 64, "rotate": False}
+    assert policy_from_dict(off.to_dict()) == off
+    for bad in ({"compress_weights": {"bits": 4, "rotate": True}}, {"compress_kv": {"rotate": "yes"}}):
+        with pytest.raises(PolicyError, match="rotate"):
+            policy_from_dict(bad)

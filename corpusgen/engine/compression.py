@@ -44,6 +44,14 @@ for Q4_0, whose ``d`` is set by the largest |value|); elsewhere the extra error 
 a GGUF step. So use ``group_size: 32`` for GGUF Q4 sources; the size cost is 4 bytes per 32
 values instead of per 64 (0.31 vs 0.28 of fp16).
 
+Rotating K and V first (:func:`kv_rotation`, the KV cache's ``rotate`` option, QuaRot's idea): a
+K head often has a few outlier channels, and with group 64 = one whole head (head_dim 64) the
+largest one sets the scale of every other channel's 4-bit codes. The schedule multiplies q, K and
+V by an orthogonal ``R`` per head after RoPE and attends in that basis (``q R (k R)^T = q k^T``),
+rotating the output back (``out' R^T``); a Hadamard ``R`` spreads each channel evenly over all of
+them, so a group's range follows the head's norm, not its largest channel. The cache only ever
+holds rotated values, so nothing here knows about it.
+
 Dequantisation on CUDA runs the fused Triton kernel :func:`dequantize_triton` (4-bit, grouped on
 the last axis) when triton imports; everything else uses torch ops. ``TRITON_INTERPRET=1`` also
 imports triton on a machine without a GPU, so the kernel can be checked on the CPU.
@@ -305,6 +313,63 @@ def read_tokens(
 ) -> torch.Tensor:
     """Dequantise positions ``[0, end)`` along ``seq_dim``: (batch, kv_heads, end, head_dim)."""
     return dequantize(narrow(p, seq_dim, 0, end), out=out, dtype=dtype)
+
+
+# --- rotating K and V before they are quantised (QuaRot) -------------------------------------
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix (n, n) of ±1 for n a power of two, fp32: ``H @ H.T == n * I``."""
+    assert n >= 1 and n & (n - 1) == 0, f"n must be a power of two, got {n}"
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Rotation:
+    """An orthogonal ``R = matrix * scale`` applied over the last dim (head_dim): ``x @ R``."""
+
+    matrix: torch.Tensor
+    """(head_dim, head_dim) in the compute dtype: Hadamard's ±1 times a power of two (exact in
+    every dtype, and no fp16 overflow on the way), or an orthogonal matrix from QR."""
+    scale: float
+    """What the matrix leaves of Hadamard's ``head_dim ** -0.5``: 1 or 1/√2, a multiply that
+    torch computes in fp32 for half dtypes. 1 for QR."""
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., head_dim) -> x @ R."""
+        y = torch.matmul(x, self.matrix)
+        return y.mul_(self.scale) if self.scale != 1 else y
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., head_dim) -> x @ R.T, the inverse of :meth:`apply`."""
+        y = torch.matmul(x, self.matrix.mT)
+        return y.mul_(self.scale) if self.scale != 1 else y
+
+    @property
+    def dense(self) -> torch.Tensor:
+        """R itself, fp64 (for tests)."""
+        return self.matrix.double() * self.scale
+
+
+def kv_rotation(head_dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                seed: int = 0) -> Rotation:
+    """The rotation of every head's K and V (and q, and back for the attention output).
+
+    A normalised Hadamard matrix when ``head_dim`` is a power of two; otherwise a fixed-seed
+    random orthogonal matrix (QR of a Gaussian, signs fixed so it is Haar-distributed), which
+    spreads an outlier channel as well, at the same cost (both run as one dense matmul).
+    """
+    if head_dim & (head_dim - 1) == 0:
+        exact = 2.0 ** -((head_dim.bit_length() - 1) // 2)  # the power-of-two part of head_dim ** -0.5
+        return Rotation(matrix=(hadamard(head_dim) * exact).to(device=device, dtype=dtype),
+                        scale=head_dim ** -0.5 / exact)
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))[None, :]
+    return Rotation(matrix=q.to(device=device, dtype=dtype), scale=1.0)
 
 
 # --- the fused CUDA kernel --------------------------------------------------------------------

@@ -26,8 +26,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     token chunks: the fp32 temporaries are 6x the input (Llama-70B, 98 k tokens: 3 GiB each)."""
     def norm(t: torch.Tensor) -> torch.Tensor:
         tf = t.float()
-        tf = tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * tf.to(t.dtype)
+        y = (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)  # a new tensor
+        return y.mul_(weight) if weight.dtype == y.dtype else weight * y  # in place: one buffer less
 
     return chunked(norm, x) if x.dim() == 3 else norm(x)
 
@@ -37,7 +37,61 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; fp32 on the CPU goes through oneDNN's fp32 matmul when ``onednn_fp32()``."""
+    if x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and onednn_fp32():
+        return _onednn_linear(x, w, b)
     return F.linear(x, w, b)
+
+
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    # oneDNN's inner product with no post-op and no fpmath attribute: plain fp32 (the op Inductor
+    # uses for CPU linears). Not torch.backends.mkldnn.matmul.fp32_precision = "bf16", which
+    # reaches the same kernel here (bit-identical results) but is process-global and asks for
+    # bf16 math, which another CPU or oneDNN version may deliver.
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+CPU_ONEDNN_FP32: bool | None = None
+"""fp32 CPU linears through oneDNN: None decides once (``onednn_fp32``), True/False force it."""
+
+
+def onednn_fp32() -> bool:
+    """Whether fp32 CPU linears use oneDNN: on AMD CPUs, where MKL's sgemm runs AVX2 code and
+    oneDNN's AVX512 (2-core EPYC, SmolLM2 shapes: 2.2x on prefill GEMMs, 3-4x on the 49k-wide
+    head), when ``onednn_fp32_probe`` passes. On an Intel Xeon (AMX) the two measured within 10 %
+    (MKL ahead on prefill), so other CPUs keep ``F.linear``."""
+    global CPU_ONEDNN_FP32
+    if CPU_ONEDNN_FP32 is None:
+        CPU_ONEDNN_FP32 = _cpu_vendor() == "AuthenticAMD" and onednn_fp32_probe(_onednn_linear)
+    return CPU_ONEDNN_FP32
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def onednn_fp32_probe(fn) -> bool:
+    """True when ``fn`` (x, w) -> x @ w.T exists and computes in fp32: on a random 16x1536 by
+    1536x64 product, every output is within sqrt(K)·u·Σ|x·w| of the float64 value (u = 2^-24; the
+    probabilistic rounding bound of an fp32 dot product of length K). oneDNN's error measured 1/20
+    of it (MKL's 1/70), bf16 inputs 150x it: a oneDNN that rounds to bf16 (its bf16 fpmath mode,
+    e.g. ONEDNN_DEFAULT_FPMATH_MODE=BF16 where a CPU implements it) is refused, not used."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 1536, generator=g), torch.randn(64, 1536, generator=g)
+    try:
+        with torch.no_grad():
+            y = fn(x, w)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    ref = x.double() @ w.double().T
+    bound = math.sqrt(x.shape[1]) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+    return y.shape == ref.shape and bool(((y.double() - ref).abs() <= bound).all())
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -114,25 +168,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     mask (batch, 1, q_len, k_len) bool, or None with ``causal`` for unpadded prefill.
     Returns (batch, heads, q_len, head_dim).
     """
-    if q.device.type == "cpu" and q.shape[2] == 1 and q.dtype != torch.float32 and k.numel() <= SMALL_CPU_KV:
+    if q.device.type == "cpu" and q.shape[2] == 1 and k.numel() <= SMALL_CPU_KV:
         return _decode_attend_cpu(q, k, v, mask, scale)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal, enable_gqa=gqa)
 
 
 SMALL_CPU_KV = 1 << 21
-"""K elements up to which a single bf16/fp16 query attends through ``_decode_attend_cpu``: below
-it PyTorch's CPU flash kernel is dominated by a fixed ~1 ms per call; above it the kernel's
-in-place bf16 reads beat upcasting the cache to fp32 (4x on OPT-30B shapes)."""
+"""K elements up to which a single query attends through ``_decode_attend_cpu``: below it
+PyTorch's CPU flash kernel is dominated by a fixed ~1 ms per call (bf16; fp32 too, less so); above
+it the kernel's in-place bf16 reads beat upcasting the cache to fp32 (4x on OPT-30B shapes)."""
 
 
 def _decode_attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
-    """One query token per row on the CPU in bf16/fp16: two batched matmuls in fp32.
+    """One query token per row on the CPU: two batched matmuls in fp32 (bf16/fp16 upcast).
 
     For small caches PyTorch's CPU flash kernel takes ~6x longer than this for a single bf16
-    query (SmolLM2 shapes, 2 cores: 1.1 ms vs 0.18 ms). Accumulating in fp32 keeps it as exact as
-    the fused kernel. Heads of a group are consecutive (HF's repeat_kv).
+    query (SmolLM2 shapes, 2 cores: 1.1 ms vs 0.18 ms), and longer in fp32 too (SmolLM2 fp32
+    engine, 1 thread: 5 % of the run). Accumulating in fp32 keeps it as exact as the fused
+    kernel. Heads of a group are consecutive (HF's repeat_kv).
     """
     b, heads, _, d = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]

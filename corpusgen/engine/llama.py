@@ -47,9 +47,16 @@ def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torc
 
 def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Residual stream h (b, s, hidden) and attention output (b, heads, s, hd) -> new h."""
-    h = h + linear(merge_heads(attn), w["o"])
+    h = linear(merge_heads(attn), w["o"]).add_(h)  # x + y == y + x bit for bit: add into the new buffer
     x = rms_norm(h, w["mlp_norm"], cfg.norm_eps)
-    return h + chunked(lambda t: linear(F.silu(linear(t, w["gate"])) * linear(t, w["up"]), w["down"]), x)
+    return chunked(lambda t: swiglu(w, t), x).add_(h)
+
+
+def swiglu(w: Weights, t: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(t)) * up(t)), t (..., hidden): HF's LlamaMLP, with silu and the product in
+    place in gate's output (the (tokens, ffn) buffers are the largest of a layer)."""
+    g = linear(t, w["gate"])
+    return linear(F.silu(g, inplace=True).mul_(linear(t, w["up"])), w["down"])
 
 
 def head(cfg: ModelConfig, w: Weights, h: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ policy is simply "all on gpu", and the same schedule runs (there is no second co
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -17,6 +19,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from corpusgen.engine import layers as L
 from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
 from corpusgen.engine.placement import WeightStore
@@ -231,6 +234,10 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
     eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids if not dummy else ()
     if dev.type == "cuda" and (policy.compress_kv or policy.compress_weights):
         _warm_kernels(dev, dt)
+    if dev.type == "cpu":
+        keep_freed_host_memory()
+        if dt == torch.float32:
+            L.onednn_fp32()  # its numeric probe runs here, not inside the first prefill
     block = BlockEngine(cfg, store, policy, tokenizer=tok, device=dev, dtype=dt, eos_ids=eos)
     store.load_stream = block.streams.load if block.streams.load is not block.streams.compute else None
     return Engine(config=cfg, tokenizer=tok, policy=policy, device=dev, dtype=dt, block=block, store=store,
@@ -245,3 +252,29 @@ def _warm_kernels(device: torch.device, dtype: torch.dtype) -> None:
     x = torch.randn(2, 128, device=device, dtype=dtype)
     cq.dequantize(cq.quantize(x, 4, 64, axis=-1))
     torch.cuda.synchronize(device)
+
+
+HOST_MALLOC_THRESHOLD = 256 << 20
+"""Bytes below which glibc serves and keeps host blocks in its heap (``keep_freed_host_memory``)."""
+
+
+def keep_freed_host_memory() -> bool:
+    """Let glibc reuse freed activation-sized blocks instead of returning them to the kernel.
+
+    glibc serves blocks from 128 KiB (its threshold adapts up to 32 MiB) by mmap and unmaps them
+    on free, and trims its heap top past 128 KiB; so each of a CPU layer's fresh (batch, seq,
+    ffn) temporaries was faulted in page by page again (SmolLM2 prefill: silu on 9 MiB took
+    ~10 ms instead of ~1). With both thresholds at ``HOST_MALLOC_THRESHOLD`` freed blocks stay in
+    the heap for the next layer, as PyTorch's CUDA caching allocator keeps GPU blocks: the
+    process holds its peak host memory instead of returning it. Process-wide, glibc only, CPU
+    engines only; True when it was applied (it is idempotent).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, HOST_MALLOC_THRESHOLD)
+                and libc.mallopt(m_trim_threshold, HOST_MALLOC_THRESHOLD))

@@ -135,6 +135,8 @@ class BlockEngine:
         self.act_on_gpu = store.placement.activations_on_gpu
         self.stats = EngineStats()
         self.scale = cfg.head_dim ** -0.5
+        ck = policy.compress_kv  # compressed K/V are quantised in a rotated basis (compression.py)
+        self.kv_rot = cq.kv_rotation(cfg.head_dim, dtype, device) if ck is not None and ck.rotate else None
         self._prefix: _Batch | None = None  # the shared prefix's one-row batch, holding its K/V
         self._widest = 0  # KV columns of the widest batch admitted in this run (bounds merges)
 
@@ -504,6 +506,9 @@ class BlockEngine:
     def _layer(self, layer: int, w, b: _Batch, h, positions, col: int, q_len: int, loaded_kv):
         cfg, s = self.cfg, self.streams
         q, k, v = self.fam.pre_attention(cfg, w, h, positions, b.aux)  # q (b, H, s, hd); k, v (b, KV, s, hd)
+        rot = self.kv_rot
+        if rot is not None:  # after RoPE: q R (k R)^T = q k^T; every path below sees only rotated K/V
+            q, k, v = rot.apply(q), rot.apply(k), rot.apply(v)
         kc, vc = b.kv[layer]
         end = col + q_len
         on_cpu = self.kv_tier[layer] == "cpu"
@@ -544,11 +549,13 @@ class BlockEngine:
             else:
                 ks, vs = self._kv_view(layer, kc, end), self._kv_view(layer, vc, end)
             attn = self._attend(q, ks, vs, b, col, q_len, end)
+        if rot is not None:
+            attn = rot.undo(attn)  # softmax(·) V R R^T = softmax(·) V
         return self.fam.post_attention(cfg, w, h, attn)
 
     def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the KV cache stores it: quantised and back when the cache is compressed, so
-        every placement attends to the same numbers."""
+        every placement attends to the same numbers (``x`` is already rotated: ``_layer``)."""
         c = self.policy.compress_kv
         if c is None:
             return x

@@ -42,6 +42,11 @@ class Compression:
     """Bits per value: 4 or 8."""
     group_size: int = 64
     """Values sharing one (min, scale) pair."""
+    rotate: bool = True
+    """KV cache only: quantise K and V in a rotated basis (per head, an orthogonal rotation of
+    head_dim: Hadamard, or a fixed random one when head_dim is not a power of two), so one outlier
+    channel no longer sets a whole group's scale; q is rotated alike and the attention output
+    back, so attention computes the same thing. Ignored for weights."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +101,8 @@ class Policy:
         for name in ("compress_weights", "compress_kv"):
             c = getattr(self, name)
             out[name] = None if c is None else {"bits": c.bits, "group_size": c.group_size}
+        if self.compress_kv is not None:
+            out["compress_kv"]["rotate"] = self.compress_kv.rotate
         return out
 
 
@@ -125,9 +132,15 @@ def _compression(name: str, value: Any) -> Compression | None:
         return None
     if value is True:
         return Compression()
-    if not isinstance(value, Mapping) or set(value) - {"bits", "group_size"}:
-        raise PolicyError(f"policy.{name}: expected null or {{bits: 4, group_size: 64}}, got {value!r}")
-    c = Compression(bits=int(value.get("bits", 4)), group_size=int(value.get("group_size", 64)))
+    if isinstance(value, Mapping) and name != "compress_kv" and "rotate" in value:
+        raise PolicyError(f"policy.{name}.rotate: rotate applies to compress_kv only (it rotates K and V)")
+    if not isinstance(value, Mapping) or set(value) - {"bits", "group_size", "rotate"}:
+        example = "{bits: 4, group_size: 64, rotate: true}" if name == "compress_kv" else "{bits: 4, group_size: 64}"
+        raise PolicyError(f"policy.{name}: expected null or {example}, got {value!r}")
+    rotate = value.get("rotate", True)
+    if not isinstance(rotate, bool):
+        raise PolicyError(f"policy.{name}.rotate: expected true or false, got {rotate!r}")
+    c = Compression(bits=int(value.get("bits", 4)), group_size=int(value.get("group_size", 64)), rotate=rotate)
     if c.bits not in (4, 8) or c.group_size < 2 or c.group_size % 2:
         raise PolicyError(f"policy.{name}: bits must be 4 or 8 and group_size an even number ≥ 2, got {value!r}")
     return c
