@@ -57,8 +57,8 @@ CPU_ONEDNN_FP32: bool | None = None
 
 def onednn_fp32() -> bool:
     """Whether fp32 CPU linears use oneDNN: on AMD CPUs, where MKL's sgemm runs AVX2 code and
-    oneDNN's AVX512 (2-core EPYC, SmolLM2 shapes: 2.2x on prefill GEMMs, 3-4x on the 49k-wide
-    head), when ``onednn_fp32_probe`` passes. On an Intel Xeon (AMX) the two measured within 10 %
+    oneDNN's AVX512 (2-core EPYC, 2 threads, SmolLM2 shapes: 2.5x on prefill GEMMs, 2.7x on
+    the 49k-wide head), when ``onednn_fp32_probe`` passes. On an Intel Xeon (AMX) the two measured within 10 %
     (MKL ahead on prefill), so other CPUs keep ``F.linear``."""
     global CPU_ONEDNN_FP32
     if CPU_ONEDNN_FP32 is None:
@@ -168,26 +168,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     mask (batch, 1, q_len, k_len) bool, or None with ``causal`` for unpadded prefill.
     Returns (batch, heads, q_len, head_dim).
     """
-    if q.device.type == "cpu" and q.shape[2] == 1 and k.numel() <= SMALL_CPU_KV:
+    if q.device.type == "cpu" and q.shape[2] == 1 and q.dtype != torch.float32 and k.numel() <= SMALL_CPU_KV:
         return _decode_attend_cpu(q, k, v, mask, scale)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal, enable_gqa=gqa)
 
 
 SMALL_CPU_KV = 1 << 21
-"""K elements up to which a single query attends through ``_decode_attend_cpu``: below it
-PyTorch's CPU flash kernel is dominated by a fixed ~1 ms per call (bf16; fp32 too, less so); above
-it the kernel's in-place bf16 reads beat upcasting the cache to fp32 (4x on OPT-30B shapes)."""
+"""K elements up to which a single bf16/fp16 query attends through ``_decode_attend_cpu``: below
+it PyTorch's CPU flash kernel is dominated by a fixed ~1 ms per call; above it the kernel's
+in-place bf16 reads beat upcasting the cache to fp32 (4x on OPT-30B shapes)."""
 
 
 def _decode_attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
-    """One query token per row on the CPU: two batched matmuls in fp32 (bf16/fp16 upcast).
+    """One query token per row on the CPU in bf16/fp16: two batched matmuls in fp32.
 
     For small caches PyTorch's CPU flash kernel takes ~6x longer than this for a single bf16
-    query (SmolLM2 shapes, 2 cores: 1.1 ms vs 0.18 ms), and longer in fp32 too (SmolLM2 fp32
-    engine, 1 thread: 5 % of the run). Accumulating in fp32 keeps it as exact as the fused
-    kernel. Heads of a group are consecutive (HF's repeat_kv).
+    query (SmolLM2 shapes, 2 cores: 1.1 ms vs 0.18 ms). Accumulating in fp32 keeps it as exact as
+    the fused kernel. Heads of a group are consecutive (HF's repeat_kv).
     """
     b, heads, _, d = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
