@@ -31,7 +31,10 @@ def check() -> None:
     from corpusgen.engine.load import IdTokenizer, open_engine
     from corpusgen.policy.policy import Compression, Placement, Policy
 
+    from corpusgen.engine import decode_attention
+
     print("triton self-check:", cq._selfcheck_triton())
+    print("decode attention self-check:", decode_attention.selfcheck())
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [3], [40, 41, 42], [7, 7, 7, 7]]
     reqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(prompts)]
     common = dict(vocab_size=99, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=64,
@@ -168,7 +171,8 @@ def bench(names: list[str]) -> None:
 
 
 def trace(model: str = "opt-6.7b", n: int = 128, gen: int = 4) -> None:
-    """Profile a few decode steps: where the GPU time goes (top kernels) and the CPU-side gaps."""
+    """Profile a prefill and a few decode steps (random prompts of 512 tokens, as in the bench):
+    where the GPU time goes (top kernels) and the CPU-side gaps."""
     import torch
     from torch.profiler import ProfilerActivity, profile as tprofile
 
@@ -178,14 +182,18 @@ def trace(model: str = "opt-6.7b", n: int = 128, gen: int = 4) -> None:
 
     eng = open_engine(model, dummy=True, policy=Policy(gpu_batch_size=n))
     eng.block.eos = set()
-    reqs = [Request(key=str(i), prompt_ids=list(range(10, 522))) for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(key=str(i), prompt_ids=torch.randint(4, 50000, (512,), generator=g).tolist()) for i in range(n)]
     list(eng.generate(reqs, SamplingSettings(max_new_tokens=2)))
-    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        list(eng.generate(reqs, SamplingSettings(max_new_tokens=gen)))
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=25,
-                                                             max_name_column_width=30, max_shapes_column_width=90))
-    print("decode s/step", eng.stats.decode_seconds / (1 + gen - 1))
+    for label, steps in (("prefill", 1), ("prefill + decode", gen)):
+        eng.stats.decode_seconds = eng.stats.prefill_seconds = 0.0
+        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            list(eng.generate(reqs, SamplingSettings(max_new_tokens=steps)))
+        print(f"=== {label}: prefill {eng.stats.prefill_seconds:.3f} s, decode {eng.stats.decode_seconds:.3f} s")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=25,
+                                                                 max_name_column_width=30, max_shapes_column_width=90))
+    print("decode s/step", eng.stats.decode_seconds / max(1, gen - 1))
 
 
 if __name__ == "__main__":

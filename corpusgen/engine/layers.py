@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from corpusgen.engine import decode_attention
 from corpusgen.engine.config import ModelConfig
 
 
@@ -166,10 +167,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     q (batch, heads, q_len, head_dim); k, v (batch, kv_heads, k_len, head_dim);
     mask (batch, 1, q_len, k_len) bool, or None with ``causal`` for unpadded prefill.
-    Returns (batch, heads, q_len, head_dim).
+    Returns (batch, heads, q_len, head_dim). One query per row goes to ``_decode_attend_cpu`` (small
+    bf16/fp16 CPU caches) or ``decode_attention`` (large multi-head CUDA caches) when they apply.
     """
     if q.device.type == "cpu" and q.shape[2] == 1 and q.dtype != torch.float32 and k.numel() <= SMALL_CPU_KV:
         return _decode_attend_cpu(q, k, v, mask, scale)
+    if q.is_cuda and decode_attention.usable(q, k):  # one query on CUDA: split-KV Triton kernel
+        return decode_attention.decode_attention(q, k, v, mask, scale)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal, enable_gqa=gqa)
 
