@@ -46,7 +46,7 @@ import torch
 
 from corpusgen.engine.api import Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
-from corpusgen.engine.load import Engine, IdTokenizer, pick_device, pick_dtype
+from corpusgen.engine.load import Engine, IdTokenizer, _warm_kernels, pick_device, pick_dtype
 from corpusgen.engine.placement import WeightStore
 from corpusgen.engine.schedule import BlockEngine, _Batch
 from corpusgen.engine.tiers import DiskTier, HostArena
@@ -379,6 +379,8 @@ def open_stage(model: str, *, stage: Stage, dummy: bool = False, device: str | N
             disk.close()
         raise
     eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids if not dummy else ()
+    if dev.type == "cuda":  # Triton JIT at load, not inside the first timed step (load.open_engine)
+        _warm_kernels(dev, dt, scfg, compressed=bool(policy.compress_kv or policy.compress_weights))
     link = Link(stage, dev, ranks)
     block = StageEngine(scfg, store, policy, stage=stage, link=link, tokenizer=tok, device=dev, dtype=dt, eos_ids=eos)
     store.load_stream = block.streams.load if block.streams.load is not block.streams.compute else None
