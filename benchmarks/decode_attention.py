@@ -3,8 +3,9 @@
     python benchmarks/decode_attention.py [--iters 200]
 
 Shapes are the engine's: one query per row against a narrowed (strided) fp16 cache, with and
-without the padding mask, for OPT-6.7B (128 rows x 32 heads x 128), OPT-30B (56 heads), SmolLM2
-(9 query / 3 KV heads x 64) and a Llama-3-8B-like grouped cache (32/8 x 128). For each: GPU time per
+without the padding mask, for OPT-6.7B (128 rows x 32 heads x 128), OPT-30B (56 heads) and a small
+OPT-1.3B batch (32 heads x 64). The kernel takes multi-head caches only; grouped-query caches stay
+on SDPA (the grouped variant measured on 2026-11-22 is in benchmarks/results/…-s4-decode-attention-micro.jsonl). For each: GPU time per
 call (CUDA events over ``--iters`` back-to-back calls), the KV bytes it reads and the bandwidth
 that implies, the host time per call (how long Python takes to launch it), and the largest
 difference from a float64 reference.
@@ -27,9 +28,7 @@ SHAPES = {  # name: (rows, heads, kv_heads, k_len, head_dim)
     "opt-6.7b 128 rows": (128, 32, 32, 515, 128),
     "opt-6.7b 128 rows, 1024 cols": (128, 32, 32, 1024, 128),
     "opt-30b 64 rows": (64, 56, 56, 543, 128),
-    "smollm2 32 rows": (32, 9, 3, 420, 64),
-    "smollm2 8 rows": (8, 9, 3, 200, 64),
-    "llama-3-8b 64 rows": (64, 32, 8, 2048, 128),
+    "opt-1.3b 16 rows": (16, 32, 32, 300, 64),
 }
 
 

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or da.triton is No
 
 def test_kernel_matches_float64_reference_on_odd_shapes():
     report = da.selfcheck("cuda")
-    assert len(report) == 7 * 2 * 2
+    assert len(report) == 8 * 2 * 2
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (9, 3)])
-def test_attend_routes_single_queries_through_the_kernel(monkeypatch, heads, kv_heads):
+def test_attend_routes_single_queries_on_multi_head_caches_through_the_kernel(monkeypatch, heads, kv_heads):
     monkeypatch.setattr(da, "MIN_KV_ELEMENTS", 0)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(4, heads, 1, 64, generator=g).cuda().half()
@@ -29,7 +29,7 @@ def test_attend_routes_single_queries_through_the_kernel(monkeypatch, heads, kv_
     real = da.decode_attention
     monkeypatch.setattr(da, "decode_attention", lambda *a: calls.append(1) or real(*a))
     got = L.attend(q, k, v, mask, 0.125)
-    assert bool(calls) == (heads == kv_heads), "single fp16 queries on a multi-head cache use the kernel"
+    assert bool(calls) == (heads == kv_heads), "single fp16 queries on a multi-head cache (only) use the kernel"
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.125,
                                          enable_gqa=heads != kv_heads)
     assert (got.float() - ref).abs().max().item() < 2e-3

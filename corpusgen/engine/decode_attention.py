@@ -6,24 +6,28 @@ it does 128x the tensor-core work needed. Isolated, it still reads OPT-6.7B's ca
 columns, 1.08 GB a layer) in ~250 us, but inside a running engine it took ~460 us a layer; this
 kernel took ~340 us there, and the decode step fell from 23.5 to 16.5 ms (H200; docs/benchmarks.md).
 
-How (FlashDecoding): the grid is (batch x kv_heads, splits). A program owns one row, one KV head
-(all query heads of its group, so a grouped-query cache is read once) and one contiguous span of
-columns; it streams K and V tiles, keeps a running max, sum and fp32 accumulator (online softmax),
+How (FlashDecoding): the grid is (batch x heads, splits). A program owns one row, one head and one
+contiguous span of columns; it streams K and V tiles, keeps a running max, sum and fp32 accumulator (online softmax),
 and writes a partial result. A second kernel combines the splits with their maxima. Splits exist so
 that small batches still fill the GPU; with many rows a single split writes the output directly.
 
 Masking: ``mask`` (batch, k_len) bool, True where a key is visible (the engine's padding mask for
 one query), or None. Every row must see at least one key (in decode its own).
 
+Multi-head caches only (OPT: one query head per KV head). A grouped-query variant (a group's heads
+as the rows of a tensor-core tile) measured level with SDPA's ``enable_gqa`` on a Llama-3-8B shape
+and 4x slower on SmolLM2's small caches (Triton's launch), so it was removed; grouped caches stay
+on SDPA.
+
 Numerics: scores, softmax and the weighted sum accumulate in fp32 from fp16/bf16 inputs, like the
-fused kernels (the grouped variant feeds P to its tensor-core product in the cache dtype, as flash
-kernels do); results differ from SDPA's by rounding only (checked in
+fused kernels; results differ from SDPA's by rounding only (checked in
 ``selfcheck`` against a float64 reference). ``TRITON_INTERPRET=1`` runs the kernels on the CPU (with
 numpy 2, triton 3.5's interpreter needs a one-line fix of ``tensor.__index__``; CI has no triton).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -49,18 +53,16 @@ Triton's launch (~35 us of host time) costs more than it saves; PyTorch's SDPA i
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``attend`` routes this call here: one query per row, fp16/bf16, CUDA, a multi-head
-    cache (OPT; with grouped heads SDPA's kernel already reads each KV head once and measured
-    level with this one) of at least ``MIN_KV_ELEMENTS``. ``decode_attention`` itself takes any
-    group size."""
+    cache of at least ``MIN_KV_ELEMENTS``."""
     return (ENABLED and triton is not None and q.shape[2] == 1 and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
             and q.shape[-1] in (64, 128, 256) and q.shape[1] == k.shape[1] and k.numel() >= MIN_KV_ELEMENTS)
 
 
-_RUNTIME = ("sm_b", "k_len", "kv_heads", "split_len", "n_splits")
+_RUNTIME = ("sm_b", "k_len", "heads", "split_len", "n_splits")
 """Integer arguments Triton must not specialise on (divisibility by 16, == 1): they change every
-decode step, and each new specialisation is a JIT compile (~0.3 s or more: an OPT-6.7B step of 16.5 ms
-averaged 26.9 ms with one compile inside). Strides stay specialised: they are multiples of 16
+decode step, and each new specialisation is a JIT compile (an OPT-6.7B step of 16.5 ms averaged 26.9 ms
+with a compile inside the timed decode). Strides stay specialised: they are multiples of 16
 (head_dim is) and unspecialised they cost vectorised loads (measured 5.5x slower)."""
 
 if triton is not None:
@@ -68,13 +70,13 @@ if triton is not None:
     @triton.jit(do_not_specialize=_RUNTIME)
     def _mha_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, m_ptr, l_ptr,
                     sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b,
-                    k_len, kv_heads, split_len, n_splits, scale,
+                    k_len, heads, split_len, n_splits, scale,
                     D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr, DIRECT: tl.constexpr):  # fmt: skip
-        # One query head per KV head (OPT): scores are row sums of q * K on CUDA cores.
+        # One (row, head) and one span of columns; scores are row sums of q * K on CUDA cores.
         bh = tl.program_id(0)
         sp = tl.program_id(1)
-        b = bh // kv_heads
-        h = bh % kv_heads
+        b = bh // heads
+        h = bh % heads
         d = tl.arange(0, D)
         q = tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale
         m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), axis=0)  # fp32 scalars
@@ -108,56 +110,6 @@ if triton is not None:
             tl.store(m_ptr + row * n_splits + sp, m_i)
             tl.store(l_ptr + row * n_splits + sp, l_i)
 
-    @triton.jit(do_not_specialize=_RUNTIME)
-    def _gqa_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, m_ptr, l_ptr,
-                    sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b,
-                    k_len, kv_heads, split_len, n_splits, scale,
-                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                    HAS_MASK: tl.constexpr, DIRECT: tl.constexpr):  # fmt: skip
-        # The GROUP query heads of one KV head as the rows of a tensor-core tile (padded to
-        # GROUP_P >= 16), so a grouped cache is read once: S = Q K^T, then O += P V.
-        bh = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = bh // kv_heads
-        kvh = bh % kv_heads
-        g = tl.arange(0, GROUP_P)
-        d = tl.arange(0, D)
-        heads = kvh * GROUP + g
-        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
-        q = (q.to(tl.float32) * scale).to(k_ptr.dtype.element_ty)  # (GROUP_P, D)
-        m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_P], tl.float32)
-        acc = tl.zeros([GROUP_P, D], tl.float32)
-        start = sp * split_len
-        stop = start + split_len
-        k_base = k_ptr + b.to(tl.int64) * sk_b + kvh * sk_h
-        v_base = v_ptr + b.to(tl.int64) * sv_b + kvh * sv_h
-        for i in range(0, split_len, BLOCK_T):
-            t = start + i + tl.arange(0, BLOCK_T)
-            live = (t < stop) & (t < k_len)
-            if HAS_MASK:
-                live = live & (tl.load(mask_ptr + b * sm_b + t, mask=live, other=0) != 0)
-            kt = tl.load(k_base + t[:, None] * sk_t + d[None, :], mask=live[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(kt))  # (GROUP_P, BLOCK_T) fp32
-            s = tl.where(live[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_use)
-            p = tl.exp(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(v_base + t[:, None] * sv_t + d[None, :], mask=live[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            m_i = m_new
-        row = (b * kv_heads * GROUP + heads).to(tl.int64)
-        keep = g < GROUP
-        if DIRECT:
-            out = acc / l_i[:, None]
-            tl.store(o_ptr + row[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=keep[:, None])
-        else:
-            tl.store(o_ptr + (row[:, None] * n_splits + sp) * D + d[None, :], acc, mask=keep[:, None])
-            tl.store(m_ptr + row * n_splits + sp, m_i, mask=keep)
-            tl.store(l_ptr + row * n_splits + sp, l_i, mask=keep)
-
     @triton.jit(do_not_specialize=("n_splits",))
     def _combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, n_splits,
                         D: tl.constexpr, S_P: tl.constexpr):  # fmt: skip
@@ -179,38 +131,41 @@ MAX_SPLITS = 16
 variant whatever the batch)."""
 
 
-def _plan(batch: int, kv_heads: int, k_len: int, block_t: int, programs: int) -> tuple[int, int]:
+def _plan(batch: int, heads: int, k_len: int, block_t: int, programs: int) -> tuple[int, int]:
     """(split_len, n_splits): enough programs to fill the GPU, whole tiles per split."""
     tiles = max(1, math.ceil(k_len / block_t))
-    splits = max(1, min(tiles, MAX_SPLITS, math.ceil(programs / max(1, batch * kv_heads))))
+    splits = max(1, min(tiles, MAX_SPLITS, math.ceil(programs / max(1, batch * heads))))
     split_len = math.ceil(tiles / splits) * block_t
     return split_len, math.ceil(k_len / split_len)
 
 
+@functools.lru_cache(maxsize=None)
+def _programs(device: torch.device) -> int:
+    """Programs that fill the GPU: four per SM."""
+    return 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float, block_t: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """softmax(q k^T * scale, masked) v for one query per row.
+    """softmax(q k^T * scale, masked) v for one query per row, over a multi-head cache.
 
-    q (batch, heads, 1, D); k, v (batch, kv_heads, k_len, D), any strides with a contiguous last
-    dim (a narrowed cache is fine); heads of a group are consecutive (HF's repeat_kv);
-    mask (batch, 1, 1, k_len) or (batch, k_len) bool, True = visible, or None.
+    q (batch, heads, 1, D); k, v (batch, heads, k_len, D), any strides with a contiguous last dim
+    (a narrowed cache is fine); mask (batch, 1, 1, k_len) or (batch, k_len) bool, True = visible,
+    or None. ``block_t`` (columns per tile) and ``num_warps`` are tuning knobs for the benchmark.
     Returns (batch, heads, 1, D) in q's dtype.
     """
     assert triton is not None, "triton is not available"
     b, heads, one, d = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    assert one == 1 and heads % kv_heads == 0 and k.shape == v.shape, (q.shape, k.shape, v.shape)
+    k_len = k.shape[2]
+    assert one == 1 and k.shape == v.shape == (b, heads, k_len, d), (q.shape, k.shape, v.shape)
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1:
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    group = heads // kv_heads
-    if block_t is None:
-        block_t = 16384 // d if group == 1 else 64  # H200 sweep: 128 x 128 tiles best for OPT-6.7B/30B
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-    split_len, n_splits = _plan(b, kv_heads, k_len, block_t, 4 * sms)
+    block_t = block_t or 16384 // d  # H200 sweep: 128 x 128 tiles best for OPT-6.7B/30B
+    split_len, n_splits = _plan(b, heads, k_len, block_t, _programs(q.device))
     out = torch.empty((b, heads, 1, d), dtype=q.dtype, device=q.device)
     has_mask = mask is not None
     if has_mask:
@@ -227,29 +182,27 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         acc = torch.empty((b * heads, n_splits, d), dtype=torch.float32, device=q.device)
         m = torch.empty((b * heads, n_splits), dtype=torch.float32, device=q.device)
         l_s = torch.empty_like(m)
-    args = (q, k, v, mask_arg, acc, m, l_s,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sm_b,
-            k_len, kv_heads, split_len, n_splits, scale)  # fmt: skip
-    grid = (b * kv_heads, n_splits)
-    if group == 1:
-        _mha_kernel[grid](*args, D=d, BLOCK_T=block_t, HAS_MASK=has_mask, DIRECT=direct, num_warps=num_warps)
-    else:
-        _gqa_kernel[grid](*args, GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=d, BLOCK_T=block_t,
-                          HAS_MASK=has_mask, DIRECT=direct, num_warps=num_warps)  # fmt: skip
+    _mha_kernel[(b * heads, n_splits)](
+        q, k, v, mask_arg, acc, m, l_s,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sm_b,
+        k_len, heads, split_len, n_splits, scale,
+        D=d, BLOCK_T=block_t, HAS_MASK=has_mask, DIRECT=direct, num_warps=num_warps)  # fmt: skip
     if not direct:
         _combine_kernel[(b * heads,)](acc, m, l_s, out, n_splits, D=d, S_P=MAX_SPLITS)
     return out
 
 
-def warm_up(device, dtype: torch.dtype, head_dim: int) -> None:
-    """Compile every variant the engine can launch for this dtype and head size (with and without
+def warm_up(device, dtype: torch.dtype, cfg) -> None:
+    """Compile every variant the engine can launch for model ``cfg`` in ``dtype`` (with and without
     a mask, one split and several): the integer arguments are not specialised (``_RUNTIME``), so
-    these are all the compiles a run needs. No-op for head sizes the engine does not route here."""
-    if triton is None or head_dim not in (64, 128, 256):
+    these are all the compiles a run needs. No-op when ``usable`` can never hold for the model."""
+    d = cfg.head_dim
+    if (not ENABLED or triton is None or cfg.num_heads != cfg.num_kv_heads or d not in (64, 128, 256)
+            or dtype not in (torch.float16, torch.bfloat16)):
         return
     for k_len in (8, 4096):  # one split (a tile), several (a long cache, one row)
-        q = torch.zeros(1, 1, 1, head_dim, device=device, dtype=dtype)
-        k = torch.zeros(1, 1, k_len, head_dim, device=device, dtype=dtype)
+        q = torch.zeros(1, 1, 1, d, device=device, dtype=dtype)
+        k = torch.zeros(1, 1, k_len, d, device=device, dtype=dtype)
         for mask in (None, torch.ones(1, 1, 1, k_len, dtype=torch.bool, device=device)):
             decode_attention(q, k, k, mask, 1.0)
 
@@ -269,20 +222,20 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def selfcheck(device: str = "cuda", seed: int = 0) -> dict[str, float]:
     """Compare the kernel with a float64 reference on odd shapes; raises on a mismatch.
 
-    Cases: multi-head (OPT) and grouped-query (Llama, SmolLM2's 9/3 heads) caches, padded rows
-    (masked columns inside and at the start), strided (narrowed) caches, 1 to many splits.
+    Cases: odd head sizes and counts, padded rows (masked columns inside and at the start),
+    strided (narrowed) caches, one tile to ``MAX_SPLITS`` splits.
     Returns the largest absolute error per case (a few fp16 ulps of the output).
     """
     assert triton is not None, "triton is not available"
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    cases = [(3, 4, 4, 17, 64), (2, 9, 3, 130, 64), (5, 8, 2, 1, 128), (1, 32, 32, 515, 128),
-             (4, 12, 4, 300, 64), (16, 32, 8, 1000, 128), (2, 6, 6, 64, 64)]  # fmt: skip
+    cases = [(3, 4, 17, 64), (2, 9, 130, 64), (5, 8, 1, 128), (1, 32, 515, 128), (4, 12, 300, 64),
+             (16, 32, 1000, 128), (2, 6, 64, 64), (1, 2, 5000, 256)]  # fmt: skip
     report: dict[str, float] = {}
-    for b, heads, kv_heads, k_len, d in cases:
+    for b, heads, k_len, d in cases:
         for dtype in (torch.float16, torch.bfloat16):
             q = torch.randn(b, heads, 1, d, generator=gen).to(device, dtype)
-            cache_k = torch.randn(b, kv_heads, k_len + 7, d, generator=gen).to(device, dtype)
-            cache_v = torch.randn(b, kv_heads, k_len + 7, d, generator=gen).to(device, dtype)
+            cache_k = torch.randn(b, heads, k_len + 7, d, generator=gen).to(device, dtype)
+            cache_v = torch.randn(b, heads, k_len + 7, d, generator=gen).to(device, dtype)
             k, v = cache_k[:, :, :k_len], cache_v[:, :, :k_len]  # strided, like the engine's caches
             mask = torch.ones(b, 1, 1, k_len, dtype=torch.bool)
             for row in range(b):  # left padding behind a short "prefix", as the engine lays it out
@@ -294,6 +247,6 @@ def selfcheck(device: str = "cuda", seed: int = 0) -> dict[str, float]:
                 ref = reference(q, k, v, m, d ** -0.5)
                 err = (got.double() - ref).abs().max().item()
                 tol = 4 * torch.finfo(dtype).eps * (ref.abs().max().item() + 1)
-                assert not got.isnan().any() and err <= tol, ((b, heads, kv_heads, k_len, d), dtype, err, tol)
-                report[f"b{b} h{heads}/{kv_heads} t{k_len} d{d} {str(dtype)[6:]}{' mask' if m is not None else ''}"] = err
+                assert not got.isnan().any() and err <= tol, ((b, heads, k_len, d), dtype, err, tol)
+                report[f"b{b} h{heads} t{k_len} d{d} {str(dtype)[6:]}{' mask' if m is not None else ''}"] = err
     return report

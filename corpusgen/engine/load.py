@@ -254,8 +254,7 @@ def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: boo
     if compressed:
         x = torch.randn(2, 128, device=device, dtype=dtype)
         cq.dequantize(cq.quantize(x, 4, 64, axis=-1))
-    if cfg.num_heads == cfg.num_kv_heads and da.triton is not None and dtype in (torch.float16, torch.bfloat16):
-        da.warm_up(device, dtype, cfg.head_dim)
+    da.warm_up(device, dtype, cfg)
     torch.cuda.synchronize(device)
 
 
