@@ -98,3 +98,78 @@ def test_engine_decodes_alike_with_the_kernel_and_with_sdpa(monkeypatch, tmp_pat
     assert ours.shape == (6, 12, 99)
     scale = sdpa.abs().max().item()
     assert (ours - sdpa).abs().max().item() <= 2e-2 * scale, (ours - sdpa).abs().max().item()
+
+
+# --------------------------------------------------------------------------- kv_copy.py
+
+def test_tile_copy_equals_copy_on_strided_views():
+    from corpusgen.engine import kv_copy
+
+    g = torch.Generator().manual_seed(3)
+    for b, heads, s, d, cols, col in ((3, 5, 37, 64, 50, 4), (1, 2, 300, 128, 333, 0), (4, 3, 9, 16, 9, 0)):
+        x = torch.randn(b, s, heads * d, generator=g).cuda().half()
+        src = x.view(b, s, heads, d).transpose(1, 2)  # a projection split into heads, as pre_attention gives it
+        cache = torch.randn(b, heads, cols, d, generator=g).cuda().half()
+        want = cache.clone()
+        want[:, :, col:col + s] = src
+        kv_copy._tile_copy_kernel[(b * heads, -(-s // 16))](
+            src, cache[:, :, col:col + s], *src.stride()[:3], *cache.stride()[:3], heads, s, D=d, BLOCK_T=16)
+        assert torch.equal(cache, want), (b, heads, s, d)
+
+
+def test_copy_to_host_2d_lands_in_a_narrowed_pinned_cache():
+    from corpusgen.engine import kv_copy
+    from corpusgen.engine.tiers import HostArena
+
+    arena = HostArena()
+    stream = torch.cuda.Stream()
+    for b, heads, s, d, cols, col in ((3, 5, 37, 64, 50, 4), (1, 7, 20, 32, 21, 1), (5, 1, 8, 16, 30, 22)):
+        cache = arena.empty((b, heads, cols, d), torch.float16)
+        cache.copy_(torch.randn(b, heads, cols, d))
+        want = cache.clone()
+        src = torch.randn(b, heads, s, d, device="cuda").half()
+        want[:, :, col:col + s] = src.cpu()
+        dst = cache[:, :, col:col + s]
+        assert kv_copy.host_2d_usable(dst, src)
+        stream.wait_stream(torch.cuda.current_stream())
+        kv_copy.copy_to_host_2d(dst, src, stream)
+        stream.synchronize()
+        assert torch.equal(cache, want), (b, heads, s, d)
+    assert not kv_copy.host_2d_usable(cache.transpose(1, 2)[:, :2], src.transpose(1, 2)[:, :2].contiguous())
+
+
+@pytest.mark.parametrize("cpu_attention", [False, True])
+def test_engine_prefill_copies_give_the_same_tokens(monkeypatch, tmp_path, cpu_attention):
+    """fp32 on CUDA with the tile copy forced on (and the 2-D DMA into the host cache with CPU
+    attention): the same greedy tokens as with PyTorch's copies, padded rows, two GPU batches."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from corpusgen.engine import kv_copy
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import IdTokenizer, open_engine
+    from corpusgen.policy.policy import Placement, Policy
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=99, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=256,
+                             max_position_embeddings=128, bos_token_id=1, eos_token_id=98,
+                             pad_token_id=0)).save_pretrained(tmp_path)
+    reqs = [Request(key=str(i), prompt_ids=[5 + i + j % 7 for j in range(3 + 9 * i)]) for i in range(6)]
+    placement = dict(kv_cache=Placement(gpu=0.0, cpu=1.0), cpu_attention=True) if cpu_attention else {}
+    monkeypatch.setattr(kv_copy, "MIN_ELEMENTS", 0)
+    calls = []
+    real_tile, real_2d = kv_copy.tile_copy_, kv_copy.copy_to_host_2d
+    monkeypatch.setattr(kv_copy, "tile_copy_", lambda *a, **k: calls.append("tile") or real_tile(*a, **k))
+    monkeypatch.setattr(kv_copy, "copy_to_host_2d", lambda *a: calls.append("2d") or real_2d(*a))
+
+    def run(enabled):
+        monkeypatch.setattr(kv_copy, "ENABLED", enabled)
+        eng = open_engine(str(tmp_path), dtype="float32", device="cuda", tokenizer=IdTokenizer(99),
+                          policy=Policy(gpu_batch_size=3, num_gpu_batches=2, **placement))
+        eng.block.eos = set()
+        out = {r.key: r.token_ids for r in eng.generate(reqs, SamplingSettings(max_new_tokens=10))}
+        eng.close()
+        return out
+
+    ours = run(True)
+    assert ("2d" if cpu_attention else "tile") in calls
+    assert ours == run(False)

@@ -146,12 +146,14 @@ def _programs(device: torch.device) -> int:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float, block_t: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                     scale: float, block_t: int | None = None, num_warps: int = 2,
+                     num_stages: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for one query per row, over a multi-head cache.
 
     q (batch, heads, 1, D); k, v (batch, heads, k_len, D), any strides with a contiguous last dim
     (a narrowed cache is fine); mask (batch, 1, 1, k_len) or (batch, k_len) bool, True = visible,
-    or None. ``block_t`` (columns per tile) and ``num_warps`` are tuning knobs for the benchmark.
+    or None. ``block_t`` (columns per tile), ``num_warps`` and ``num_stages`` (Triton's default when
+    None) are tuning knobs for the benchmark.
     Returns (batch, heads, 1, D) in q's dtype.
     """
     assert triton is not None, "triton is not available"
@@ -164,7 +166,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    block_t = block_t or 16384 // d  # H200 sweep: 128 x 128 tiles best for OPT-6.7B/30B
+    # H200 sweep at OPT-6.7B's decode shape (benchmarks/offload_micro.py): 64-column tiles on 2 warps
+    # 0.260 ms (4.1 TB/s), 128 on 4 warps 0.302 ms, more warps slower; stages made no difference.
+    block_t = block_t or 8192 // d
     split_len, n_splits = _plan(b, heads, k_len, block_t, _programs(q.device))
     out = torch.empty((b, heads, 1, d), dtype=q.dtype, device=q.device)
     has_mask = mask is not None
@@ -186,7 +190,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q, k, v, mask_arg, acc, m, l_s,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sm_b,
         k_len, heads, split_len, n_splits, scale,
-        D=d, BLOCK_T=block_t, HAS_MASK=has_mask, DIRECT=direct, num_warps=num_warps)  # fmt: skip
+        D=d, BLOCK_T=block_t, HAS_MASK=has_mask, DIRECT=direct, num_warps=num_warps,
+        **({"num_stages": num_stages} if num_stages else {}))  # fmt: skip
     if not direct:
         _combine_kernel[(b * heads,)](acc, m, l_s, out, n_splits, D=d, S_P=MAX_SPLITS)
     return out

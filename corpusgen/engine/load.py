@@ -250,11 +250,13 @@ def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: boo
     decode step averaged 26.9 ms over 31 steps with one compile inside)."""
     from corpusgen.engine import compression as cq
     from corpusgen.engine import decode_attention as da
+    from corpusgen.engine import kv_copy
 
     if compressed:
         x = torch.randn(2, 128, device=device, dtype=dtype)
         cq.dequantize(cq.quantize(x, 4, 64, axis=-1))
     da.warm_up(device, dtype, cfg)
+    kv_copy.warm_up(device, dtype, cfg.head_dim)
     torch.cuda.synchronize(device)
 
 

@@ -120,6 +120,12 @@ class WeightStore:
         return t.contiguous()  # disk: written by the caller, then dropped
 
     # ------------------------------------------------------------------ fetching
+    def next_streamed(self, j: int) -> int:
+        """The first unit after j (wrapping around) that is not resident on the device; j + 1
+        (mod units) when every unit is resident."""
+        n = len(self.tier)
+        return next(((j + i) % n for i in range(1, n + 1) if self.tier[(j + i) % n] != "gpu"), (j + 1) % n)
+
     def prefetch(self, j: int) -> None:
         """Start bringing unit j to the device (no-op for device-resident units)."""
         if self.tier[j] == "gpu" or j in self._pending or j in self._ready:

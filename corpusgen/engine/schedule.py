@@ -13,8 +13,9 @@ A *block* is ``gpu_batch_size × num_gpu_batches`` rows. The model is a list of 
                 compute(j, k)
                 store_cache(j, k)                          # new K/V back to its tier, asynchronously
 
-Wrap-around is one expression: unit ``(j + 1) % n_units`` is prefetched, so the head's turn
-prefetches the next step's embedding and the loop body has no edge cases.
+The prefetch is of the next unit that *streams* (``WeightStore.next_streamed``), wrapping around
+to the next token step: a GPU-resident layer (and the head, and sampling) does not leave the link
+idle, and the loop body has no edge cases. At most two streamed layers are on the GPU at once.
 
 Refill (``policy.refill``): every GPU batch keeps its own column, so when finished rows have been
 compacted out and a whole batch of slots is free, waiting rows join as a new GPU batch whose
@@ -51,6 +52,7 @@ from typing import Iterator, Sequence
 import torch
 
 from corpusgen.engine import compression as cq
+from corpusgen.engine import kv_copy
 from corpusgen.engine import layers as L
 from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
@@ -196,7 +198,9 @@ class BlockEngine:
         self.store.prefetch(0)
         for j in range(n_units):
             w = self.store.get(j)
-            self.store.prefetch((j + 1) % n_units)  # wrap-around: last unit prefetches the embed
+            # The next unit that streams (resident ones need no load), wrapping around to the next
+            # step's: the link keeps working through GPU-resident layers and the head.
+            self.store.prefetch(self.store.next_streamed(j))
             pending = self._load_cache(j, batches[0], batches[0].col)
             for k, b in enumerate(batches):
                 nb = batches[k + 1] if k + 1 < len(batches) else None
@@ -450,13 +454,23 @@ class BlockEngine:
         return c[:, :, :end]
 
     def _kv_write(self, layer: int, c, x: torch.Tensor, col: int) -> None:
-        """Write x (b, kv_heads, t, hd) at columns [col, col + t) of cache ``c``."""
+        """Write x (b, kv_heads, t, hd) at columns [col, col + t) of cache ``c`` (on the current
+        stream; host writes from the GPU are asynchronous where the cache is pinned)."""
         if self.kv_tier[layer] == "cpu" and not self.host_seq_major:
-            x = x.to(self.host)  # a strided host write: stage on the host first (prefill only on GPU)
-            if isinstance(c, cq.Packed):
+            dst = None if isinstance(c, cq.Packed) else c[:, :, col:col + x.shape[2]]
+            if x.is_cuda and dst is not None:
+                # A prompt into a batch-major host cache: rows x heads strips at a fixed pitch, one
+                # 2-D DMA from a contiguous copy on the GPU (kv_copy.py; ~40x PyTorch's staged copy).
+                stage = x if x.is_contiguous() else kv_copy.tile_copy_(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
+                if kv_copy.host_2d_usable(dst, stage):
+                    kv_copy.copy_to_host_2d(dst, stage, torch.cuda.current_stream(x.device))
+                    stage.record_stream(torch.cuda.current_stream(x.device))
+                    return
+            x = x.to(self.host)  # a strided host write: stage on the host first
+            if dst is None:
                 cq.write_tokens(c, x, col, seq_dim=2)
             else:
-                c[:, :, col:col + x.shape[2]].copy_(x)
+                dst.copy_(x)
         elif self.kv_tier[layer] == "cpu":
             x = x.permute(2, 0, 1, 3)  # (t, b, kv_heads, hd)
             if isinstance(c, cq.Packed):
@@ -465,8 +479,8 @@ class BlockEngine:
                 c[col:col + x.shape[0]].copy_(x, non_blocking=True)
         elif isinstance(c, cq.Packed):
             cq.write_tokens(c, x, col, seq_dim=2)
-        else:
-            c[:, :, col:col + x.shape[2]].copy_(x)
+        else:  # a prompt's K/V is a strided view of its projection: tile copies on CUDA
+            kv_copy.tile_copy_(c[:, :, col:col + x.shape[2]], x)
 
     def _compute(self, j: int, w, b: _Batch, col: int, pending) -> None:
         cfg, fam, s = self.cfg, self.fam, self.streams
@@ -516,6 +530,7 @@ class BlockEngine:
         if on_cpu and self.policy.cpu_attention and col > b.start:
             # Decode attention where the cache lives: only q/k/v of the new token cross the link.
             qh, kh, vh = q.to(self.host), k.to(self.host), v.to(self.host)
+            self._sync_stores(b)  # the prompt's K/V reach the host cache asynchronously
             self._kv_write(layer, kc, kh, col)
             self._kv_write(layer, vc, vh, col)
             dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype  # CPUs have no fast fp16
