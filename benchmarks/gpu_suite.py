@@ -198,6 +198,35 @@ def trace(model: str = "opt-6.7b", n: int = 128, gen: int = 4) -> None:
     print("decode s/step", eng.stats.decode_seconds / max(1, gen - 1))
 
 
+def trace_config(name: str, gen: int = 3) -> None:
+    """Profile one bench configuration's prefill and ``gen - 1`` decode steps (CPU and CUDA
+    activity): where a decode step's host time goes (CPU attention, waits, copies)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from corpusgen.bench import _open
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.policy.policy import policy_from_dict
+
+    spec = dict(CONFIGS[name])
+    pol = policy_from_dict(spec.pop("policy"))
+    n = spec.pop("num_seqs", None) or pol.block_size
+    eng = _open(spec.pop("model"), None, True, None, None, pol, spec.get("gpu_memory"), spec.get("cpu_memory"), None,
+                512, 32, 0)
+    eng.block.eos = set()
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(key=str(i), prompt_ids=torch.randint(4, 50000, (512,), generator=g).tolist()) for i in range(n)]
+    list(eng.generate(reqs[:2], SamplingSettings(max_new_tokens=2)))
+    eng.stats.decode_seconds = eng.stats.prefill_seconds = 0.0
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        list(eng.generate(reqs, SamplingSettings(max_new_tokens=gen)))
+    print(f"=== {name}: prefill {eng.stats.prefill_seconds:.3f} s, decode {eng.stats.decode_seconds:.3f} s "
+          f"({eng.stats.decode_seconds / max(1, gen - 1):.3f} s/step), threads {torch.get_num_threads()}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    eng.close()
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "check":
@@ -206,6 +235,8 @@ if __name__ == "__main__":
         profile()
     elif what == "trace":
         trace()
+    elif what == "trace-config":
+        trace_config(sys.argv[2], *map(int, sys.argv[3:]))
     elif what == "bench":
         bench(sys.argv[2:])
     elif what == "bench-file":  # configurations from benchmarks/plan_validation.py

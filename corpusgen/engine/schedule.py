@@ -529,15 +529,14 @@ class BlockEngine:
         no_pad = b.no_pad
         if on_cpu and self.policy.cpu_attention and col > b.start:
             # Decode attention where the cache lives: only q/k/v of the new token cross the link.
-            qh, kh, vh = q.to(self.host), k.to(self.host), v.to(self.host)
+            qh, kh, vh = _to_host(q, k, v)
             self._sync_stores(b)  # the prompt's K/V reach the host cache asynchronously
             self._kv_write(layer, kc, kh, col)
             self._kv_write(layer, vc, vh, col)
             dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype  # CPUs have no fast fp16
             ks, vs = self._kv_view(layer, kc, end).to(dt), self._kv_view(layer, vc, end).to(dt)
             mask = None if no_pad else self._mask(b, b.pad_cpu, col, q_len, end)
-            attn = L.attend(qh.to(dt), ks, vs, mask, self.scale)
-            attn = attn.to(self.dtype).to(self.device, non_blocking=True)
+            attn = _onto_device(L.attend(qh.to(dt), ks, vs, mask, self.scale).to(self.dtype), self.device)
         elif on_cpu:
             kq, vq = self._as_stored(k), self._as_stored(v)  # attend to what the cache will hold
             if col == 0:
@@ -668,6 +667,24 @@ def _to_device(c, end: int, device: torch.device):
     if isinstance(c, cq.Packed):
         return cq.narrow(c, 0, 0, end).to(device, non_blocking=True)
     return c[:end].to(device, non_blocking=True)
+
+
+def _to_host(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """CUDA tensors on the host through pinned buffers: one wait for all of them, not one
+    synchronous copy each (host tensors are returned as they are)."""
+    if not xs[0].is_cuda:
+        return list(xs)
+    out = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True) for x in xs]
+    torch.cuda.current_stream(xs[0].device).synchronize()
+    return out
+
+
+def _onto_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host result onto the device without the host waiting: staged in a pinned buffer (PyTorch's
+    pinned allocator keeps it until the copy has run), copied on the current stream."""
+    if device.type != "cuda":
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x).to(device, non_blocking=True)
 
 
 def _buffers(kv) -> list[torch.Tensor]:
