@@ -201,12 +201,20 @@ class BlockEngine:
             # The next unit that streams (resident ones need no load), wrapping around to the next
             # step's: the link keeps working through GPU-resident layers and the head.
             self.store.prefetch(self.store.next_streamed(j))
-            pending = self._load_cache(j, batches[0], batches[0].col)
-            for k, b in enumerate(batches):
-                nb = batches[k + 1] if k + 1 < len(batches) else None
-                nxt = self._load_cache(j, nb, nb.col) if nb is not None else None
-                self._compute(j, w, b, b.col, pending)
-                pending = nxt
+            if self.act_on_gpu and 0 < j <= self.cfg.num_layers and all(self._cpu_attends(j - 1, b, b.col) for b in batches):
+                # CPU attention: every batch's q/k/v leave for the host first, then the host attends
+                # batch after batch. One batch at a time, batch k+1's q/k/v queued on the GPU behind
+                # batch k's attention output, whose copy waits behind the next layer's weights on
+                # the link: the host idled for that prefetch every layer (OPT-30B: 1.37 s steps).
+                for begun in [self._compute_begin(j, w, b, b.col, None) for b in batches]:
+                    self._compute_end(begun)
+            else:
+                pending = self._load_cache(j, batches[0], batches[0].col)
+                for k, b in enumerate(batches):
+                    nb = batches[k + 1] if k + 1 < len(batches) else None
+                    nxt = self._load_cache(j, nb, nb.col) if nb is not None else None
+                    self._compute(j, w, b, b.col, pending)
+                    pending = nxt
             w = None  # drop this layer's (dequantised) weights before the next get()
             self.store.release(j)
         if self.device.type == "cuda":
@@ -483,6 +491,12 @@ class BlockEngine:
             kv_copy.tile_copy_(c[:, :, col:col + x.shape[2]], x)
 
     def _compute(self, j: int, w, b: _Batch, col: int, pending) -> None:
+        self._compute_end(self._compute_begin(j, w, b, col, pending))
+
+    def _compute_begin(self, j: int, w, b: _Batch, col: int, pending):
+        """Unit j for batch ``b`` up to its attention (everything, for the embedding and head);
+        ``_compute_end`` finishes it. Split so that with CPU attention every GPU batch's q/k/v
+        is on its way to the host before the host attends for the first (``_pass``)."""
         cfg, fam, s = self.cfg, self.fam, self.streams
         loaded_kv = loaded_h = None
         if pending is not None:
@@ -500,14 +514,18 @@ class BlockEngine:
             b.aux = fam.prepare(cfg, b.positions, self.dtype)
             b.pos_col = col
             b.masks = {}
-        positions = b.positions
         if j == 0:
-            h = fam.embed(cfg, w, b.ids, positions)
-        elif j == cfg.num_layers + 1:
+            return b, fam.embed(cfg, w, b.ids, b.positions), None
+        if j == cfg.num_layers + 1:
             b.logits = fam.head(cfg, w, h[:, -1])  # (b, vocab) fp32
-            h = None
-        else:
-            h = self._layer(j - 1, w, b, h, positions, col, q_len, loaded_kv)
+            return b, None, None
+        return b, h, self._layer_begin(j - 1, w, b, h, col, q_len, loaded_kv)
+
+    def _compute_end(self, begun) -> None:
+        b, h, layer = begun
+        s = self.streams
+        if layer is not None:
+            h = self._layer_end(*layer)
         if h is not None and not self.act_on_gpu:
             ev = s.event(s.compute)
             s.wait(s.store, ev)
@@ -517,25 +535,33 @@ class BlockEngine:
             b.stored = s.event(s.store)
         b.hidden = h
 
-    def _layer(self, layer: int, w, b: _Batch, h, positions, col: int, q_len: int, loaded_kv):
-        cfg, s = self.cfg, self.streams
-        q, k, v = self.fam.pre_attention(cfg, w, h, positions, b.aux)  # q (b, H, s, hd); k, v (b, KV, s, hd)
+    def _cpu_attends(self, layer: int, b: _Batch, col: int) -> bool:
+        """Whether batch ``b`` attends on the CPU at this layer and column (decode, host KV)."""
+        return self.kv_tier[layer] == "cpu" and self.policy.cpu_attention and col > b.start
+
+    def _layer_begin(self, layer: int, w, b: _Batch, h, col: int, q_len: int, loaded_kv):
+        q, k, v = self.fam.pre_attention(self.cfg, w, h, b.positions, b.aux)  # q (b, H, s, hd); k, v (b, KV, s, hd)
         rot = self.kv_rot
         if rot is not None:  # after RoPE: q R (k R)^T = q k^T; every path below sees only rotated K/V
             q, k, v = rot.apply(q), rot.apply(k), rot.apply(v)
+        if self._cpu_attends(layer, b, col):  # only q/k/v of the new token cross the link
+            q, k, v = _to_host_async(q, k, v)
+        return layer, w, b, h, col, q_len, loaded_kv, q, k, v
+
+    def _layer_end(self, layer: int, w, b: _Batch, h, col: int, q_len: int, loaded_kv, q, k, v):
+        cfg, s, rot = self.cfg, self.streams, self.kv_rot
         kc, vc = b.kv[layer]
         end = col + q_len
         on_cpu = self.kv_tier[layer] == "cpu"
-        no_pad = b.no_pad
-        if on_cpu and self.policy.cpu_attention and col > b.start:
-            # Decode attention where the cache lives: only q/k/v of the new token cross the link.
-            qh, kh, vh = _to_host(q, k, v)
+        if self._cpu_attends(layer, b, col):
+            # Decode attention where the cache lives.
+            qh, kh, vh = _wait_host(q, k, v)
             self._sync_stores(b)  # the prompt's K/V reach the host cache asynchronously
             self._kv_write(layer, kc, kh, col)
             self._kv_write(layer, vc, vh, col)
             dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype  # CPUs have no fast fp16
             ks, vs = self._kv_view(layer, kc, end).to(dt), self._kv_view(layer, vc, end).to(dt)
-            mask = None if no_pad else self._mask(b, b.pad_cpu, col, q_len, end)
+            mask = None if b.no_pad else self._mask(b, b.pad_cpu, col, q_len, end)
             attn = _onto_device(L.attend(qh.to(dt), ks, vs, mask, self.scale).to(self.dtype), self.device)
         elif on_cpu:
             kq, vq = self._as_stored(k), self._as_stored(v)  # attend to what the cache will hold
@@ -669,14 +695,24 @@ def _to_device(c, end: int, device: torch.device):
     return c[:end].to(device, non_blocking=True)
 
 
-def _to_host(*xs: torch.Tensor) -> list[torch.Tensor]:
-    """CUDA tensors on the host through pinned buffers: one wait for all of them, not one
-    synchronous copy each (host tensors are returned as they are)."""
+def _to_host_async(*xs: torch.Tensor) -> tuple:
+    """Start copying CUDA tensors into pinned host buffers on the current stream; ``_wait_host``
+    returns them (host tensors pass through as they are)."""
     if not xs[0].is_cuda:
-        return list(xs)
+        return xs
     out = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True) for x in xs]
-    torch.cuda.current_stream(xs[0].device).synchronize()
-    return out
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(xs[0].device))
+    return (*out[:-1], (out[-1], ev))
+
+
+def _wait_host(*xs) -> tuple:
+    """The host tensors of ``_to_host_async``, once their copies have landed."""
+    if not isinstance(xs[-1], tuple):
+        return xs
+    last, ev = xs[-1]
+    ev.synchronize()
+    return (*xs[:-1], last)
 
 
 def _onto_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
