@@ -139,6 +139,8 @@ _cfg("opt30b-16g-cpuattn", "opt-30b", dict(gpu_batch_size=32, num_gpu_batches=2,
                                            kv_cache={"gpu": 0, "cpu": 1}, cpu_attention=True), **_GPU16)
 _cfg("opt30b-16g-cpuattn-80", "opt-30b", dict(gpu_batch_size=40, num_gpu_batches=2, weights={"gpu": 7 / 48, "cpu": 41 / 48},
                                               kv_cache={"gpu": 0, "cpu": 1}, cpu_attention=True), num_seqs=80, **_GPU16)
+_cfg("opt30b-16g-cpuattn-88", "opt-30b", dict(gpu_batch_size=44, num_gpu_batches=2, weights={"gpu": 7 / 48, "cpu": 41 / 48},
+                                              kv_cache={"gpu": 0, "cpu": 1}, cpu_attention=True), num_seqs=88, **_GPU16)
 _cfg("opt175b-16g-c4-plan", "opt-175b", dict(gpu_batch_size=16, num_gpu_batches=2, weights={"gpu": 6 / 96, "cpu": 90 / 96},
                                              kv_cache={"gpu": 0, "cpu": 1}, compress_weights={"bits": 4, "group_size": 64},
                                              compress_kv={"bits": 4, "group_size": 64}), **_GPU16)
