@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -82,19 +83,23 @@ def part_decode(emit) -> None:
     ref = da.reference(q, k, v, None, scale)
     sdpa = gpu_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), 50)
     emit(part="decode", config="sdpa", ms=sdpa, gbs=nbytes / sdpa / 1e6)
-    for bt in (32, 64, 128):
-        for nw in (2, 4, 8):
-            for ns in (1, 2, 3, 4):
-                try:
-                    f = lambda: da.decode_attention(q, k, v, None, scale, block_t=bt, num_warps=nw, num_stages=ns)  # noqa: E731
-                    out = f()
-                    err = (out.double() - ref).abs().max().item()
-                    assert err < 1e-2, err
-                    ms = gpu_ms(f, 50)
-                except Exception as e:  # noqa: BLE001 - a config that does not compile is a result
-                    emit(part="decode", config=f"t{bt} w{nw} s{ns}", error=f"{type(e).__name__}: {e}"[:200])
-                    continue
-                emit(part="decode", config=f"t{bt} w{nw} s{ns}", ms=ms, gbs=nbytes / ms / 1e6)
+    configs = [(bt, nw, ns, None) for bt in (32, 64, 128) for nw in (2, 4, 8) for ns in (1, 2, 3, 4)]
+    configs += [(32, 1, None, None), (64, 1, None, None), (16, 1, None, None), (64, 2, None, 2 * b * heads),
+                (64, 2, None, 4 * b * heads), (128, 2, None, 2 * b * heads), (32, 1, None, 2 * b * heads)]
+    if os.environ.get("MICRO_DECODE_QUICK"):
+        configs = configs[-8:]
+    for bt, nw, ns, progs in configs:
+        name = f"t{bt} w{nw} s{ns} p{progs}"
+        try:
+            f = lambda: da.decode_attention(q, k, v, None, scale, block_t=bt, num_warps=nw, num_stages=ns,  # noqa: E731
+                                            programs=progs)
+            err = (f().double() - ref).abs().max().item()
+            assert err < 1e-2, err
+            ms = gpu_ms(f, 50)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is a result
+            emit(part="decode", config=name, error=f"{type(e).__name__}: {e}"[:200])
+            continue
+        emit(part="decode", config=name, ms=ms, gbs=nbytes / ms / 1e6)
 
 
 def part_host2d(emit) -> None:

@@ -173,3 +173,27 @@ def test_engine_prefill_copies_give_the_same_tokens(monkeypatch, tmp_path, cpu_a
     ours = run(True)
     assert ("2d" if cpu_attention else "tile") in calls
     assert ours == run(False)
+
+
+# --------------------------------------------------------------------------- fused_norm.py
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_layer_norm_matches_pytorch(monkeypatch, dtype):
+    from corpusgen.engine import fused_norm
+
+    monkeypatch.setattr(fused_norm, "MIN_ROWS", 0)
+    g = torch.Generator().manual_seed(5)
+    for rows, n in ((3, 768), (17, 1000), (64, 4096), (2, 7168)):
+        h = (torch.randn(rows, n, generator=g) * 3 + 1).cuda().to(dtype)
+        d = torch.randn(rows, n, generator=g).cuda().to(dtype)
+        w = torch.randn(n, generator=g).cuda().to(dtype)
+        b = torch.randn(n, generator=g).cuda().to(dtype)
+        s, y = fused_norm.add_layer_norm(h, d, w, b, 1e-5)
+        assert torch.equal(s, h + d), "the residual sum is the dtype's rounding of h + d"
+        ref = F.layer_norm((h + d).float(), (n,), w.float(), b.float(), 1e-5)
+        tol = 2 * torch.finfo(dtype).eps * (ref.abs().max().item() + 1)
+        assert (y.float() - ref).abs().max().item() <= tol, (rows, n)
+        ours = fused_norm.layer_norm(h, w, b, 1e-5)
+        assert (ours.float() - F.layer_norm(h.float(), (n,), w.float(), b.float(), 1e-5)).abs().max().item() <= tol
+        torch_ln = F.layer_norm(h, (n,), w, b, 1e-5)  # PyTorch's own half-precision kernel: same rounding class
+        assert (ours.float() - torch_ln.float()).abs().max().item() <= tol

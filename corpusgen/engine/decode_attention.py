@@ -147,13 +147,13 @@ def _programs(device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float, block_t: int | None = None, num_warps: int = 2,
-                     num_stages: int | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, programs: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for one query per row, over a multi-head cache.
 
     q (batch, heads, 1, D); k, v (batch, heads, k_len, D), any strides with a contiguous last dim
     (a narrowed cache is fine); mask (batch, 1, 1, k_len) or (batch, k_len) bool, True = visible,
-    or None. ``block_t`` (columns per tile), ``num_warps`` and ``num_stages`` (Triton's default when
-    None) are tuning knobs for the benchmark.
+    or None. ``block_t`` (columns per tile), ``num_warps``, ``num_stages`` (Triton's default when
+    None) and ``programs`` (how many the splits aim to fill) are tuning knobs for the benchmark.
     Returns (batch, heads, 1, D) in q's dtype.
     """
     assert triton is not None, "triton is not available"
@@ -169,7 +169,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     # H200 sweep at OPT-6.7B's decode shape (benchmarks/offload_micro.py): 64-column tiles on 2 warps
     # 0.260 ms (4.1 TB/s), 128 on 4 warps 0.302 ms, more warps slower; stages made no difference.
     block_t = block_t or 8192 // d
-    split_len, n_splits = _plan(b, heads, k_len, block_t, _programs(q.device))
+    split_len, n_splits = _plan(b, heads, k_len, block_t, programs or _programs(q.device))
     out = torch.empty((b, heads, 1, d), dtype=q.dtype, device=q.device)
     has_mask = mask is not None
     if has_mask:

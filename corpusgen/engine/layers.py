@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from corpusgen.engine import decode_attention
+from corpusgen.engine import decode_attention, fused_norm
 from corpusgen.engine.config import ModelConfig
 
 
@@ -34,7 +34,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    """``F.layer_norm`` over the last dim (a Triton kernel for large fp16/bf16 CUDA prefills)."""
+    return fused_norm.layer_norm(x, weight, bias, eps)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -257,6 +257,10 @@ def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: boo
         cq.dequantize(cq.quantize(x, 4, 64, axis=-1))
     da.warm_up(device, dtype, cfg)
     kv_copy.warm_up(device, dtype, cfg.head_dim)
+    if cfg.family == "opt":
+        from corpusgen.engine import fused_norm
+
+        fused_norm.warm_up(device, dtype, cfg.hidden_size)
     torch.cuda.synchronize(device)
 
 

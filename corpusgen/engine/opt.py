@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from corpusgen.engine.config import ModelConfig
+from corpusgen.engine.fused_norm import add_layer_norm
 from corpusgen.engine.layers import layer_norm, linear, merge_heads, split_heads
 
 Weights = dict[str, torch.Tensor]
@@ -42,10 +43,11 @@ def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torc
 def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Residual stream h (b, s, hidden) and attention output (b, heads, s, hd) -> new h."""
     pre = cfg.do_layer_norm_before
-    h = h + linear(merge_heads(attn), w["o"], w["o_bias"])
-    if not pre:
-        h = layer_norm(h, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps)
-    x = layer_norm(h, w["mlp_norm"], w["mlp_norm_bias"], cfg.norm_eps) if pre else h
+    out = linear(merge_heads(attn), w["o"], w["o_bias"])
+    if pre:  # the residual add and the MLP's LayerNorm in one pass over the rows (large CUDA prefills)
+        h, x = add_layer_norm(h, out, w["mlp_norm"], w["mlp_norm_bias"], cfg.norm_eps)
+    else:
+        h = x = layer_norm(h + out, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps)
     # in-place ReLU: the (b, s, ffn) intermediate is the largest prefill buffer; don't hold two
     h = h + linear(F.relu(linear(x, w["fc1"], w["fc1_bias"]), inplace=True), w["fc2"], w["fc2_bias"])
     if not pre:
