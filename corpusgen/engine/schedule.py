@@ -38,7 +38,10 @@ compute waits on the event of the load it needs; store waits on the event record
 compute that produced the data; a staging buffer is reused only after the event of the copy
 that drained it. The only host synchronisations are (1) sampling — the next tokens must be known
 on the host for stop checks — once per token step per GPU batch, and (2) CPU attention, which
-needs the new token's q/k/v on the host (only those cross the link, never the cache).
+needs the new token's q/k/v on the host (only those cross the link, never the cache). With CPU
+attention a layer runs in two phases: every GPU batch's pre-attention and q/k/v copy first, then
+the host attends batch after batch (``_compute_begin``/``_compute_end``), so no batch's q/k/v wait
+on the GPU behind another's attention output, itself queued on the link behind the next weights.
 With ``overlap: false`` every copy runs on the compute stream (a reference for tests).
 On a CPU-only machine the "GPU" tier is the CPU: the same loop runs, copies become no-ops or
 clones, and the disk tier still prefetches on its I/O pool, so CI exercises the whole schedule.
