@@ -11,6 +11,7 @@
 * ``cpuattn``: one decode step's CPU attention over OPT-30B's cache (32 rows x 56 heads x 544 cols,
   bf16) at several thread counts, alone and while the host-to-GPU link streams weights.
 * ``qkv``: OPT-6.7B's prefill projections as three GEMMs against one fused GEMM.
+* ``linear``: OPT-6.7B's linears at decode and prefill sizes, weight as stored against transposed.
 
 Each result is one JSON line; every equality check raises on a mismatch.
 """
@@ -209,6 +210,25 @@ def part_qkv(emit) -> None:
     cat = gpu_ms(lambda: (torch.cat(ws), torch.cat(bs)), 10)
     emit(part="qkv", three_ms=three, fused_ms=fused, cat_ms=cat,
          three_tflops=2 * n * h * 3 * h / three / 1e9, fused_tflops=2 * n * h * 3 * h / fused / 1e9)
+
+
+def part_linear(emit) -> None:
+    """OPT-6.7B's linears at a decode step (128 rows) and a prefill (65,536 rows): the weight as
+    stored (out, in) through F.linear, against a transposed (in, out) copy through addmm."""
+    for m in (128, 65536):
+        for n, k in ((4096, 4096), (16384, 4096), (4096, 16384)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+            b = torch.randn(n, device="cuda", dtype=torch.float16)
+            wt = w.t().contiguous()
+            ref = F.linear(x, w, b)
+            assert (torch.addmm(b, x, wt) - ref).abs().max().item() < 0.05
+            iters = 200 if m == 128 else 10
+            t_lin = gpu_ms(lambda: F.linear(x, w, b), iters)
+            t_nn = gpu_ms(lambda: torch.addmm(b, x, wt), iters)
+            rate = (lambda t: w.numel() * 2 / t / 1e9) if m == 128 else (lambda t: 2 * m * n * k / t / 1e9)
+            emit(part="linear", m=m, n=n, k=k, linear_us=t_lin * 1e3, addmm_t_us=t_nn * 1e3,
+                 unit="GB/s" if m == 128 else "TFLOP/s", linear_rate=rate(t_lin), addmm_t_rate=rate(t_nn))
 
 
 def main() -> None:

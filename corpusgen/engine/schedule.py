@@ -203,6 +203,12 @@ class BlockEngine:
         self.store.prefetch(0)
         for j in range(n_units):
             w = self.store.get(j)
+            # What this layer's batches need from the host goes on the load stream *before* the
+            # next layer's weights, or the first batch's compute waits for those weights (a whole
+            # layer's transfer) before it can start. With CPU attention every batch's is loaded
+            # (activations only, small); otherwise the first batch's, the rest one batch ahead.
+            two_phase = 0 < j <= self.cfg.num_layers and all(self._cpu_attends(j - 1, b, b.col) for b in batches)
+            loads = [self._load_cache(j, b, b.col) for b in (batches if two_phase else batches[:1])]
             # The next unit that streams (resident ones need no load), wrapping around to the next
             # step's: the link keeps working through GPU-resident layers and the head. A resident
             # unit holds neither of the two weight buffers, so the streamed unit after that one
@@ -211,15 +217,15 @@ class BlockEngine:
             self.store.prefetch(nxt)
             if self.store.tier[j] == "gpu":
                 self.store.prefetch(self.store.next_streamed(nxt))
-            if self.act_on_gpu and 0 < j <= self.cfg.num_layers and all(self._cpu_attends(j - 1, b, b.col) for b in batches):
+            if two_phase:
                 # CPU attention: every batch's q/k/v leave for the host first, then the host attends
                 # batch after batch. One batch at a time, batch k+1's q/k/v queued on the GPU behind
                 # batch k's attention output, whose copy waits behind the next layer's weights on
                 # the link: the host idled for that prefetch every layer (OPT-30B: 1.37 s steps).
-                for begun in [self._compute_begin(j, w, b, b.col, None) for b in batches]:
+                for begun in [self._compute_begin(j, w, b, b.col, p) for b, p in zip(batches, loads)]:
                     self._compute_end(begun)
             else:
-                pending = self._load_cache(j, batches[0], batches[0].col)
+                pending = loads[0]
                 for k, b in enumerate(batches):
                     nb = batches[k + 1] if k + 1 < len(batches) else None
                     nxt = self._load_cache(j, nb, nb.col) if nb is not None else None
