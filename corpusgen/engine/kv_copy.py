@@ -114,8 +114,8 @@ def host_2d_usable(dst: torch.Tensor, src: torch.Tensor) -> bool:
     if not (ENABLED and src.is_cuda and dst.device.type == "cpu" and dst.shape == src.shape
             and dst.dtype == src.dtype and src.is_contiguous() and dst.dim() >= 2):
         return False
-    rows, inner = _rows(dst)
-    return rows is not None and dst.is_pinned() and _cudart() is not None
+    pitch, _ = _rows(dst)
+    return pitch is not None and dst.is_pinned() and _cudart() is not None
 
 
 def _rows(t: torch.Tensor):

@@ -57,12 +57,13 @@ from typing import Iterator, Sequence
 import torch
 
 from corpusgen.engine import compression as cq
-from corpusgen.engine import kv_copy
+from corpusgen.engine import kv_cache
 from corpusgen.engine import layers as L
 from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
 from corpusgen.engine.placement import WeightStore, family_of
 from corpusgen.engine.sampling import find_stop, row_generator, sample
+from corpusgen.engine.streams import Streams, handoff, on, onto_device, to_host_async, wait_host
 from corpusgen.policy.policy import Policy
 
 
@@ -97,28 +98,6 @@ class _Batch:
     aux: object = None  # the family's per-step values (Llama: rotary cos/sin)
 
 
-class _Streams:
-    """Compute/load/store streams on CUDA; ``None`` streams (same-stream, in order) otherwise."""
-
-    def __init__(self, device: torch.device, overlap: bool):
-        cuda = device.type == "cuda"
-        self.compute = torch.cuda.current_stream(device) if cuda else None
-        self.load = torch.cuda.Stream(device) if cuda and overlap else self.compute
-        self.store = torch.cuda.Stream(device) if cuda and overlap else self.compute
-
-    def event(self, stream) -> torch.cuda.Event | None:
-        if stream is None:
-            return None
-        ev = torch.cuda.Event()
-        ev.record(stream)
-        return ev
-
-    @staticmethod
-    def wait(stream, ev) -> None:
-        if stream is not None and ev is not None:
-            stream.wait_event(ev)
-
-
 class BlockEngine:
     """Runs blocks of requests through the block schedule with the policy's placements."""
 
@@ -129,16 +108,16 @@ class BlockEngine:
         self.tok = tokenizer
         self.device, self.dtype = device, dtype
         self.eos = set(eos_ids)
-        self.streams = _Streams(device, policy.overlap)
+        self.streams = Streams(device, policy.overlap)
         if device.type == "cuda":
             # cuDNN attention rebuilds its graph for every new KV length: ~1 ms of host time per
             # call, which made decode host-bound (measured on an H200). Flash/efficient kernels don't.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        # Host KV layout: seq-major (one contiguous store per token, one contiguous prefetch) when
-        # the GPU attends; batch-major when the CPU attends, so its attention reads contiguous rows.
-        self.host_seq_major = not policy.cpu_attention
         self.host = torch.device("cpu")
         self.kv_tier = store.kv_tiers  # per layer: "gpu" | "cpu"
+        # Host KV is seq-major when the GPU attends, batch-major when the CPU does (kv_cache.py).
+        self.caches = kv_cache.KVCaches(cfg, self.kv_tier, cpu_attention=policy.cpu_attention,
+                                        compress=policy.compress_kv, arena=store.arena, device=device, dtype=dtype)
         self.act_on_gpu = store.placement.activations_on_gpu
         self.stats = EngineStats()
         self.scale = cfg.head_dim ** -0.5
@@ -163,7 +142,6 @@ class BlockEngine:
         ``prefix``: token ids that (most of) the requests start with; computed once (kept across
         calls while it stays the same) and reused by every batch whose rows all start with it.
         """
-        p = self.policy
         queue = deque(requests)
         batches: list[_Batch] = []
         self._widest = 0
@@ -244,7 +222,7 @@ class BlockEngine:
         ids = tuple(int(t) for t in prefix)
         if self._prefix is None or tuple(self._prefix.rows[0].prompt_ids) != ids:
             b = self._make_batch([Request(key="\0prefix", prompt_ids=ids)], SamplingSettings(), len(ids))
-            b.kv = [self._alloc_kv(j, 1, len(ids)) for j in range(self.cfg.num_layers)]
+            b.kv = [self.caches.alloc(j, 1, len(ids)) for j in range(self.cfg.num_layers)]
             self.stats.prefill_seconds += self._pass([b])  # the head's logits are not used
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # its K/V stores (store stream) must land first
@@ -283,11 +261,11 @@ class BlockEngine:
                 width = max(map(own, rows)) if p.refill else max(
                     map(own, [*rows, *list(queue)[:p.block_size - active - take]]))
             b = self._make_batch(rows, sampling, max(width, max(len(r.prompt_ids) - start for r in rows)), start)
-            b.kv = [self._alloc_kv(j, len(rows), b.ids_width + min(sampling.max_new_tokens, KV_GROW))
+            b.kv = [self.caches.alloc(j, len(rows), b.ids_width + min(sampling.max_new_tokens, KV_GROW))
                     for j in range(self.cfg.num_layers)]
             self._widest = max(self._widest, b.ids_width + sampling.max_new_tokens)
             if start:
-                self._copy_prefix(b)
+                self.caches.copy_prefix(self._prefix.kv, b.kv, b.start)
                 self.stats.prefix_reused_tokens += start * len(rows)
             self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in rows)
             batches.append(b)
@@ -300,10 +278,10 @@ class BlockEngine:
         columns (or what its rows can still use): KV memory follows what rows generate, not the
         worst case of max_new_tokens for every row."""
         for b in batches:
-            if b.kv and b.col > b.start and b.col >= self._capacity(b):
+            if b.kv and b.col > b.start and b.col >= self.caches.capacity(b.kv):
                 room = max(max_new - len(t) for t, f in zip(b.tokens, b.finish) if f is None)
                 self._sync_stores(b)
-                b.kv = self._realigned_kv([b], b.col, b.col + min(KV_GROW, max(room, 1)))
+                b.kv = self.caches.realigned([b], b.col, b.col + min(KV_GROW, max(room, 1)))
                 self.stats.kv_grows += 1
 
     def _merge(self, batches: list[_Batch]) -> None:
@@ -324,16 +302,11 @@ class BlockEngine:
             batches.remove(b)
             self.stats.batch_merges += 1
 
-    def _capacity(self, b: _Batch) -> int:
-        """Columns of batch ``b``'s KV buffers."""
-        dim = 0 if self.kv_tier[0] == "cpu" and self.host_seq_major else 2
-        return b.kv[0][0].shape[dim]
-
     def _merged_width(self, a: _Batch, b: _Batch) -> int:
         """KV columns of ``a`` and ``b`` merged: aligned at the later column, with the room each
         still has. Bounded by the widest batch admitted, the block's KV stays within (rows alive)
         x (that width), the bound it had without merging."""
-        return max(a.col, b.col) + max(self._capacity(x) - x.col for x in (a, b))
+        return max(a.col, b.col) + max(self.caches.capacity(x.kv) - x.col for x in (a, b))
 
     def _merged(self, a: _Batch, b: _Batch) -> _Batch:
         """One batch of ``a``'s and ``b``'s live rows, aligned at the later column: the earlier
@@ -345,41 +318,13 @@ class BlockEngine:
         col, width = max(a.col, b.col), self._merged_width(a, b)
         n = len(a.rows) + len(b.rows)
         shifts = [col - a.col] * len(a.rows) + [col - b.col] * len(b.rows)
-        kv = self._realigned_kv([a, b], col, width)
+        kv = self.caches.realigned([a, b], col, width)
         pad_cpu = torch.cat([a.pad_cpu, b.pad_cpu]) + torch.tensor(shifts, dtype=torch.long)
         gens = a.gens + b.gens if a.gens is not None and b.gens is not None else None
         return _Batch(rows=a.rows + b.rows, pad=pad_cpu.to(self.device), pad_cpu=pad_cpu,
                       ids=torch.cat([a.ids, b.ids]), kv=kv, tokens=a.tokens + b.tokens, finish=[None] * n,
                       gens=gens, no_pad=bool((pad_cpu == 0).all()), ids_width=max(a.ids_width, b.ids_width),
                       start=a.start, col=col)
-
-    def _realigned_kv(self, parts: list[_Batch], col: int, width: int) -> list:
-        """New K/V buffers of ``width`` columns holding the rows of ``parts`` in order, each part's
-        columns [0, part.col) moved so that it ends at ``col``: the shared prefix stays at
-        [0, start), the rest shifts right into padding (zeroed: masked, but it must be finite, as
-        0 x NaN is NaN in P @ V). Layer by layer, freeing the parts' buffers as it goes, so at most
-        one layer's KV is held twice. Packed caches are copied as codes, never re-quantised."""
-        n, start = sum(len(x.rows) for x in parts), parts[0].start
-        kv = []
-        for layer in range(len(parts[0].kv)):
-            seq_dim, row_dim = (0, 1) if self.kv_tier[layer] == "cpu" and self.host_seq_major else (2, 0)
-            dst = self._alloc_kv(layer, n, width)
-            row = 0
-            for x in parts:
-                shift, m = col - x.col, len(x.rows)
-                for src_c, dst_c in zip(x.kv[layer], dst):
-                    pairs = zip(src_c.buffers, dst_c.buffers) if isinstance(dst_c, cq.Packed) else ((src_c, dst_c),)
-                    for s_t, d_t in pairs:
-                        d_t = d_t.narrow(row_dim, row, m)
-                        if start:
-                            d_t.narrow(seq_dim, 0, start).copy_(s_t.narrow(seq_dim, 0, start))
-                        if shift:
-                            d_t.narrow(seq_dim, start, shift).zero_()
-                        d_t.narrow(seq_dim, start + shift, x.col - start).copy_(s_t.narrow(seq_dim, start, x.col - start))
-                row += m
-                x.kv[layer] = None
-            kv.append(dst)
-        return kv
 
     @staticmethod
     def _sync_stores(b: _Batch) -> None:
@@ -394,10 +339,7 @@ class BlockEngine:
             return
         self._sync_stores(b)
         idx = torch.tensor(keep, dtype=torch.long)
-        for layer, (kc, vc) in enumerate(b.kv):
-            dim = 1 if self.kv_tier[layer] == "cpu" and self.host_seq_major else 0
-            arena = self.store.arena if self.kv_tier[layer] == "cpu" else None
-            b.kv[layer] = (_select(kc, dim, idx, arena), _select(vc, dim, idx, arena))
+        b.kv = self.caches.select_rows(b.kv, idx)
         b.rows = [b.rows[i] for i in keep]
         b.tokens = [b.tokens[i] for i in keep]
         b.finish = [None] * len(keep)
@@ -423,35 +365,6 @@ class BlockEngine:
                       tokens=[[] for _ in rows], finish=[None] * len(rows), gens=gens, no_pad=min(lens) == width,
                       ids_width=start + width, start=start, col=start)
 
-    def _copy_prefix(self, b: _Batch) -> None:
-        """Columns [0, b.start) of every layer's K/V: the shared prefix's, as its tier stores them
-        (packed codes and group scales are copied as they are: nothing is re-quantised)."""
-        for layer, (src_kv, dst_kv) in enumerate(zip(self._prefix.kv, b.kv)):
-            seq_dim = 0 if self.kv_tier[layer] == "cpu" and self.host_seq_major else 2
-            for src, dst in zip(src_kv, dst_kv):
-                parts = ((src.data, dst.data), (src.mins, dst.mins), (src.scales, dst.scales)) \
-                    if isinstance(dst, cq.Packed) else ((src, dst),)
-                for a, d in parts:  # the prefix's batch dimension (1) broadcasts over the rows
-                    d.narrow(seq_dim, 0, b.start).copy_(a.narrow(seq_dim, 0, b.start))
-
-    def _alloc_kv(self, j: int, b: int, total: int):
-        """K and V buffers of layer j for a batch of b rows. Layout by tier: on the GPU tier
-        (b, kv_heads, seq, hd) so decode attention reads contiguous rows; on the CPU tier
-        (seq, b, kv_heads, hd) so a new token is one contiguous store and a prefetch of
-        columns [0, c) is one contiguous copy."""
-        cfg, comp = self.cfg, self.policy.compress_kv
-        on_gpu = self.kv_tier[j] == "gpu"
-        batch_major = on_gpu or not self.host_seq_major
-        shape = (b, cfg.num_kv_heads, total, cfg.head_dim) if batch_major else (total, b, cfg.num_kv_heads, cfg.head_dim)
-        if comp is not None:
-            dev = self.device if on_gpu else self.host
-            alloc = None if on_gpu else self.store.arena.empty  # host buffers: counted, exact-size pinned
-            return tuple(cq.Packed.empty(shape, self.dtype, comp.bits, comp.group_size, -1, dev, alloc=alloc)
-                         for _ in range(2))
-        if on_gpu:
-            return tuple(torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
-        return self.store.arena.empty(shape, self.dtype), self.store.arena.empty(shape, self.dtype)
-
     def _load_cache(self, j: int, b: _Batch, col: int):
         """Prefetch what batch ``b`` needs at unit ``j`` onto the load stream; returns (kv, h, event)."""
         layer = j - 1
@@ -462,49 +375,12 @@ class BlockEngine:
             return None
         s = self.streams
         s.wait(s.load, b.stored)
-        with _on(s.load):
+        with on(s.load):
             kv = None
             if need_kv:  # columns [0, col) of a seq-major host cache: one contiguous copy each
-                kv = tuple(_to_device(c, col, self.device) for c in b.kv[layer])
+                kv = tuple(kv_cache.to_device(c, col, self.device) for c in b.kv[layer])
             h = b.hidden.to(self.device, non_blocking=True) if need_act else None
         return kv, h, s.event(s.load)
-
-    def _kv_view(self, layer: int, c, end: int) -> torch.Tensor:
-        """Columns [0, end) of cache ``c`` as (b, kv_heads, end, hd) (dequantised if compressed)."""
-        if self.kv_tier[layer] == "cpu" and self.host_seq_major:
-            return _prefix(c, end).permute(1, 2, 0, 3)
-        if isinstance(c, cq.Packed):
-            return cq.read_tokens(c, end, seq_dim=2)
-        return c[:, :, :end]
-
-    def _kv_write(self, layer: int, c, x: torch.Tensor, col: int) -> None:
-        """Write x (b, kv_heads, t, hd) at columns [col, col + t) of cache ``c`` (on the current
-        stream; host writes from the GPU are asynchronous where the cache is pinned)."""
-        if self.kv_tier[layer] == "cpu" and not self.host_seq_major:
-            dst = None if isinstance(c, cq.Packed) else c[:, :, col:col + x.shape[2]]
-            if x.is_cuda and dst is not None:
-                # A prompt into a batch-major host cache: rows x heads strips at a fixed pitch, one
-                # 2-D DMA from a contiguous copy on the GPU (kv_copy.py; ~40x PyTorch's staged copy).
-                stage = x if x.is_contiguous() else kv_copy.tile_copy_(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
-                if kv_copy.host_2d_usable(dst, stage):
-                    kv_copy.copy_to_host_2d(dst, stage, torch.cuda.current_stream(x.device))
-                    stage.record_stream(torch.cuda.current_stream(x.device))
-                    return
-            x = x.to(self.host)  # a strided host write: stage on the host first
-            if dst is None:
-                cq.write_tokens(c, x, col, seq_dim=2)
-            else:
-                dst.copy_(x)
-        elif self.kv_tier[layer] == "cpu":
-            x = x.permute(2, 0, 1, 3)  # (t, b, kv_heads, hd)
-            if isinstance(c, cq.Packed):
-                cq.write_tokens(c, x, col, seq_dim=0, non_blocking=True)
-            else:
-                c[col:col + x.shape[0]].copy_(x, non_blocking=True)
-        elif isinstance(c, cq.Packed):
-            cq.write_tokens(c, x, col, seq_dim=2)
-        else:  # a prompt's K/V is a strided view of its projection: tile copies on CUDA
-            kv_copy.tile_copy_(c[:, :, col:col + x.shape[2]], x)
 
     def _compute(self, j: int, w, b: _Batch, col: int, pending) -> None:
         self._compute_end(self._compute_begin(j, w, b, col, pending))
@@ -518,7 +394,7 @@ class BlockEngine:
         if pending is not None:
             loaded_kv, loaded_h, ev = pending
             s.wait(s.compute, ev)
-            _handoff([*_buffers(loaded_kv), loaded_h], s.compute, s.load)
+            handoff([*kv_cache.buffers(loaded_kv), loaded_h], s.compute, s.load)
             if loaded_kv is not None and isinstance(loaded_kv[0], cq.Packed):
                 # Dequantised here, on the compute stream: on the load stream it would queue the
                 # link behind it (measured: OPT-30B 4-bit step = link + dequant, not their max).
@@ -545,8 +421,8 @@ class BlockEngine:
         if h is not None and not self.act_on_gpu:
             ev = s.event(s.compute)
             s.wait(s.store, ev)
-            _handoff([h], s.store, s.compute)
-            with _on(s.store):
+            handoff([h], s.store, s.compute)
+            with on(s.store):
                 h = h.to(self.host, non_blocking=True)
             b.stored = s.event(s.store)
         b.hidden = h
@@ -561,7 +437,7 @@ class BlockEngine:
         if rot is not None:  # after RoPE: q R (k R)^T = q k^T; every path below sees only rotated K/V
             q, k, v = rot.apply(q), rot.apply(k), rot.apply(v)
         if self._cpu_attends(layer, b, col):  # only q/k/v of the new token cross the link
-            q, k, v = _to_host_async(q, k, v)
+            q, k, v = to_host_async(q, k, v)
         return layer, w, b, h, col, q_len, loaded_kv, q, k, v
 
     def _layer_end(self, layer: int, w, b: _Batch, h, col: int, q_len: int, loaded_kv, q, k, v):
@@ -571,14 +447,14 @@ class BlockEngine:
         on_cpu = self.kv_tier[layer] == "cpu"
         if self._cpu_attends(layer, b, col):
             # Decode attention where the cache lives.
-            qh, kh, vh = _wait_host(q, k, v)
+            qh, kh, vh = wait_host(q, k, v)
             self._sync_stores(b)  # the prompt's K/V reach the host cache asynchronously
-            self._kv_write(layer, kc, kh, col)
-            self._kv_write(layer, vc, vh, col)
+            self.caches.write(layer, kc, kh, col)
+            self.caches.write(layer, vc, vh, col)
             dt = torch.float32 if qh.dtype == torch.float16 else qh.dtype  # CPUs have no fast fp16
-            ks, vs = self._kv_view(layer, kc, end).to(dt), self._kv_view(layer, vc, end).to(dt)
+            ks, vs = self.caches.view(layer, kc, end).to(dt), self.caches.view(layer, vc, end).to(dt)
             mask = None if b.no_pad else self._mask(b, b.pad_cpu, col, q_len, end)
-            attn = _onto_device(L.attend(qh.to(dt), ks, vs, mask, self.scale).to(self.dtype), self.device)
+            attn = onto_device(L.attend(qh.to(dt), ks, vs, mask, self.scale).to(self.dtype), self.device)
         elif on_cpu:
             kq, vq = self._as_stored(k), self._as_stored(v)  # attend to what the cache will hold
             if col == 0:
@@ -587,23 +463,23 @@ class BlockEngine:
                 ks = torch.cat([loaded_kv[0].permute(1, 2, 0, 3), kq], dim=2)
                 vs = torch.cat([loaded_kv[1].permute(1, 2, 0, 3), vq], dim=2)
             else:  # the prompt step after a shared prefix, with CPU attention: fetch the prefix once
-                ks = torch.cat([self._kv_view(layer, kc, col).to(self.device), kq], dim=2)
-                vs = torch.cat([self._kv_view(layer, vc, col).to(self.device), vq], dim=2)
+                ks = torch.cat([self.caches.view(layer, kc, col).to(self.device), kq], dim=2)
+                vs = torch.cat([self.caches.view(layer, vc, col).to(self.device), vq], dim=2)
             attn = self._attend(q, ks, vs, b, col, q_len, end)
             ev = s.event(s.compute)
             s.wait(s.store, ev)
-            _handoff([k, v], s.store, s.compute)
-            with _on(s.store):
-                self._kv_write(layer, kc, k, col)
-                self._kv_write(layer, vc, v, col)
+            handoff([k, v], s.store, s.compute)
+            with on(s.store):
+                self.caches.write(layer, kc, k, col)
+                self.caches.write(layer, vc, v, col)
             b.stored = s.event(s.store)
         else:
-            self._kv_write(layer, kc, k, col)
-            self._kv_write(layer, vc, v, col)
+            self.caches.write(layer, kc, k, col)
+            self.caches.write(layer, vc, v, col)
             if col == 0 and not isinstance(kc, cq.Packed):
                 ks, vs = k, v
             else:
-                ks, vs = self._kv_view(layer, kc, end), self._kv_view(layer, vc, end)
+                ks, vs = self.caches.view(layer, kc, end), self.caches.view(layer, vc, end)
             attn = self._attend(q, ks, vs, b, col, q_len, end)
         if rot is not None:
             attn = rot.undo(attn)  # softmax(·) V R R^T = softmax(·) V
@@ -672,98 +548,3 @@ class BlockEngine:
 def _live(b: _Batch) -> int:
     """Rows of ``b`` still generating."""
     return sum(f is None for f in b.finish)
-
-
-def _select(c, dim: int, idx: torch.Tensor, arena):
-    """Rows ``idx`` along ``dim`` of a cache tensor or Packed (a copy, on the cache's device;
-    host copies go to the pinned ``arena``)."""
-    def pick(t: torch.Tensor) -> torch.Tensor:
-        if arena is None:
-            return t.index_select(dim, idx.to(t.device))
-        shape = list(t.shape)
-        shape[dim] = len(idx)
-        return torch.index_select(t, dim, idx, out=arena.empty(shape, t.dtype))
-
-    if isinstance(c, cq.Packed):
-        import dataclasses
-
-        shape = list(c.shape)
-        shape[dim] = len(idx)
-        return dataclasses.replace(c, data=pick(c.data), mins=pick(c.mins), scales=pick(c.scales), shape=tuple(shape))
-    return pick(c)
-
-
-def _handoff(tensors, user, owner) -> None:
-    """Tell the caching allocator that ``user`` stream reads tensors allocated on ``owner``, so
-    their memory is not reused before that stream is done with it."""
-    if user is None or user is owner:
-        return
-    for t in tensors:
-        if t is not None and t.is_cuda:
-            t.record_stream(user)
-
-
-def _to_device(c, end: int, device: torch.device):
-    """Columns [0, end) of a seq-major host cache on the device; compressed caches travel
-    compressed (and are dequantised by the compute stream that uses them)."""
-    if isinstance(c, cq.Packed):
-        return cq.narrow(c, 0, 0, end).to(device, non_blocking=True)
-    return c[:end].to(device, non_blocking=True)
-
-
-def _to_host_async(*xs: torch.Tensor) -> tuple:
-    """Start copying CUDA tensors into pinned host buffers on the current stream; ``_wait_host``
-    returns them (host tensors pass through as they are)."""
-    if not xs[0].is_cuda:
-        return xs
-    out = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True) for x in xs]
-    ev = torch.cuda.Event()
-    ev.record(torch.cuda.current_stream(xs[0].device))
-    return (*out[:-1], (out[-1], ev))
-
-
-def _wait_host(*xs) -> tuple:
-    """The host tensors of ``_to_host_async``, once their copies have landed."""
-    if not isinstance(xs[-1], tuple):
-        return xs
-    last, ev = xs[-1]
-    ev.synchronize()
-    return (*xs[:-1], last)
-
-
-def _onto_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host result onto the device without the host waiting: staged in a pinned buffer (PyTorch's
-    pinned allocator keeps it until the copy has run), copied on the current stream."""
-    if device.type != "cuda":
-        return x
-    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x).to(device, non_blocking=True)
-
-
-def _buffers(kv) -> list[torch.Tensor]:
-    """The tensors behind a loaded (K, V) pair, packed or not."""
-    out: list[torch.Tensor] = []
-    for c in kv or ():
-        out.extend(c.buffers if isinstance(c, cq.Packed) else (c,))
-    return out
-
-
-def _prefix(c, end: int) -> torch.Tensor:
-    """Columns [0, end) of a seq-major host cache (dequantised if compressed)."""
-    if isinstance(c, cq.Packed):
-        return cq.read_tokens(c, end, seq_dim=0)
-    return c[:end]
-
-
-class _on:
-    """``with _on(stream):`` — a CUDA stream context, or nothing for the CPU."""
-
-    def __init__(self, stream):
-        self.ctx = torch.cuda.stream(stream) if stream is not None else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)

@@ -1,0 +1,84 @@
+"""CUDA streams of the block schedule and the copies between them (design.md §5).
+
+*compute* runs the math, *load* carries host→GPU copies, *store* GPU→host copies; ordering is by
+CUDA events. On a CPU-only machine every stream is ``None`` and everything runs in order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Streams:
+    """Compute/load/store streams on CUDA; ``None`` streams (same-stream, in order) otherwise."""
+
+    def __init__(self, device: torch.device, overlap: bool):
+        cuda = device.type == "cuda"
+        self.compute = torch.cuda.current_stream(device) if cuda else None
+        self.load = torch.cuda.Stream(device) if cuda and overlap else self.compute
+        self.store = torch.cuda.Stream(device) if cuda and overlap else self.compute
+
+    def event(self, stream) -> torch.cuda.Event | None:
+        if stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(stream)
+        return ev
+
+    @staticmethod
+    def wait(stream, ev) -> None:
+        if stream is not None and ev is not None:
+            stream.wait_event(ev)
+
+
+def handoff(tensors, user, owner) -> None:
+    """Tell the caching allocator that ``user`` stream reads tensors allocated on ``owner``, so
+    their memory is not reused before that stream is done with it."""
+    if user is None or user is owner:
+        return
+    for t in tensors:
+        if t is not None and t.is_cuda:
+            t.record_stream(user)
+
+
+def to_host_async(*xs: torch.Tensor) -> tuple:
+    """Start copying CUDA tensors into pinned host buffers on the current stream; ``wait_host``
+    returns them (host tensors pass through as they are)."""
+    if not xs[0].is_cuda:
+        return xs
+    out = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True) for x in xs]
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(xs[0].device))
+    return (*out[:-1], (out[-1], ev))
+
+
+def wait_host(*xs) -> tuple:
+    """The host tensors of ``to_host_async``, once their copies have landed."""
+    if not isinstance(xs[-1], tuple):
+        return xs
+    last, ev = xs[-1]
+    ev.synchronize()
+    return (*xs[:-1], last)
+
+
+def onto_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host result onto the device without the host waiting: staged in a pinned buffer (PyTorch's
+    pinned allocator keeps it until the copy has run), copied on the current stream."""
+    if device.type != "cuda":
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x).to(device, non_blocking=True)
+
+
+class on:
+    """``with on(stream):`` — a CUDA stream context, or nothing for the CPU."""
+
+    def __init__(self, stream):
+        self.ctx = torch.cuda.stream(stream) if stream is not None else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
