@@ -7,6 +7,8 @@ Same four entry points as llama.py, so the schedule treats both families alike.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -34,10 +36,20 @@ def prepare(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
 def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torch.Tensor, aux=None):
     """hidden (b, s, hidden) -> q, k, v (b, heads, s, hd)."""
     x = layer_norm(h, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps) if cfg.do_layer_norm_before else h
-    q = split_heads(linear(x, w["q"], w["q_bias"]), cfg.num_heads)
-    k = split_heads(linear(x, w["k"], w["k_bias"]), cfg.num_heads)
-    v = split_heads(linear(x, w["v"], w["v_bias"]), cfg.num_heads)
-    return q, k, v
+    if "qkv_bias" in w and x.shape[0] * x.shape[1] <= FUSED_QKV_MAX_TOKENS:
+        # One GEMM over the fused weight (placement._fuse_qkv): at a decode step's 128 rows three
+        # 4096-wide GEMMs ran at ~2.4 TB/s of weights each; measured, prefill-sized ones did not gain.
+        q, k, v = linear(x, w["qkv"], w["qkv_bias"]).split([w["q"].shape[0], w["k"].shape[0], w["v"].shape[0]], -1)
+    else:
+        q, k, v = (linear(x, w[n], w[f"{n}_bias"]) for n in ("q", "k", "v"))
+    return split_heads(q, cfg.num_heads), split_heads(k, cfg.num_heads), split_heads(v, cfg.num_heads)
+
+
+FUSED_QKV_MAX_TOKENS = 4096
+"""Tokens up to which a layer with a fused ``qkv`` projects q, k and v in one GEMM (decode steps)."""
+
+FC1_EPILOGUE = os.environ.get("CORPUSGEN_FC1_EPILOGUE", "0") == "1"
+"""Prefill fc1 with the ReLU in cuBLASLt's epilogue (experiment switch)."""
 
 
 def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -49,7 +61,11 @@ def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Te
     else:
         h = x = layer_norm(h + out, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps)
     # in-place ReLU: the (b, s, ffn) intermediate is the largest prefill buffer; don't hold two
-    h = h + linear(F.relu(linear(x, w["fc1"], w["fc1_bias"]), inplace=True), w["fc2"], w["fc2_bias"])
+    if FC1_EPILOGUE and x.is_cuda and x.dtype != torch.float32 and x.shape[0] * x.shape[1] > FUSED_QKV_MAX_TOKENS:
+        a = torch._addmm_activation(w["fc1_bias"], x.reshape(-1, x.shape[-1]), w["fc1"].t()).view(*x.shape[:-1], -1)
+    else:
+        a = F.relu(linear(x, w["fc1"], w["fc1_bias"]), inplace=True)
+    h = h + linear(a, w["fc2"], w["fc2_bias"])
     if not pre:
         h = layer_norm(h, w["mlp_norm"], w["mlp_norm_bias"], cfg.norm_eps)
     return h

@@ -10,6 +10,7 @@ layer per token step, shared by every GPU batch of the block.
 
 from __future__ import annotations
 
+import os
 import threading
 from types import ModuleType
 
@@ -117,6 +118,8 @@ class WeightStore:
                 if unit == "embed":  # only the embedding can be tied; keep `t` alive so its id stays unique
                     shared[id(t)] = record[name]
                     self._keep.append(t)
+        if tier == "gpu" and self.device.type == "cuda" and FUSE_QKV and unit.startswith("layer."):
+            _fuse_qkv(record)
         return record, meta
 
     def _place(self, t: torch.Tensor, tier: str) -> torch.Tensor:
@@ -207,6 +210,25 @@ class WeightStore:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
             self._buffer_free[buf] = ev
+
+
+FUSE_QKV = os.environ.get("CORPUSGEN_FUSE_QKV", "1") != "0"
+"""GPU-resident layers keep q, k and v (and their biases) as views of one tensor, ``qkv``, so an
+OPT decode step projects them in one GEMM (``opt.pre_attention``); ``CORPUSGEN_FUSE_QKV=0`` turns it off."""
+
+
+def _fuse_qkv(record: Record) -> None:
+    """Replace ``q``, ``k``, ``v`` (and ``*_bias``) by row slices of one concatenated tensor (no
+    extra memory once the originals are dropped)."""
+    for names, fused in ((("q", "k", "v"), "qkv"), (("q_bias", "k_bias", "v_bias"), "qkv_bias")):
+        if not all(n in record for n in names):
+            return
+        parts = [record[n] for n in names]
+        if any(p.dtype != parts[0].dtype or p.shape[1:] != parts[0].shape[1:] for p in parts):
+            return
+        record[fused] = torch.cat(parts)
+        for n, view in zip(names, record[fused].split([p.shape[0] for p in parts])):
+            record[n] = view
 
 
 COPY_CHUNK = 64 << 20
