@@ -198,3 +198,33 @@ def test_fused_layer_norm_matches_pytorch(monkeypatch, dtype):
         assert (ours.float() - F.layer_norm(h.float(), (n,), w.float(), b.float(), 1e-5)).abs().max().item() <= tol
         torch_ln = F.layer_norm(h, (n,), w, b, 1e-5)  # PyTorch's own half-precision kernel: same rounding class
         assert (ours.float() - torch_ln.float()).abs().max().item() <= tol
+
+
+def test_opt_mlp_epilogue_and_fused_qkv_match_the_plain_path(monkeypatch):
+    """OPT's prefill fc1 with the ReLU in the GEMM epilogue, and a decode step's q/k/v from the fused
+    weight, agree with the separate ops to fp16 rounding."""
+    from corpusgen.engine import opt
+    from corpusgen.engine.config import preset
+    from corpusgen.engine.placement import _fuse_qkv
+
+    cfg = preset("opt-125m")
+    h = cfg.hidden_size
+    g = torch.Generator().manual_seed(2)
+    w = {n: (torch.randn(*shape, generator=g) * 0.05).cuda().half() for n, shape in (
+        ("attn_norm", (h,)), ("attn_norm_bias", (h,)), ("q", (h, h)), ("q_bias", (h,)), ("k", (h, h)), ("k_bias", (h,)),
+        ("v", (h, h)), ("v_bias", (h,)), ("o", (h, h)), ("o_bias", (h,)), ("mlp_norm", (h,)), ("mlp_norm_bias", (h,)),
+        ("fc1", (cfg.ffn_dim, h)), ("fc1_bias", (cfg.ffn_dim,)), ("fc2", (h, cfg.ffn_dim)), ("fc2_bias", (h,)))}
+    x = torch.randn(2, 2600, h, generator=g).cuda().half()  # 5200 tokens: a prefill
+    attn = torch.randn(2, cfg.num_heads, 2600, cfg.head_dim, generator=g).cuda().half()
+    monkeypatch.setattr(opt, "FC1_EPILOGUE", True)
+    fused = opt.post_attention(cfg, w, x, attn)
+    monkeypatch.setattr(opt, "FC1_EPILOGUE", False)
+    plain = opt.post_attention(cfg, w, x, attn)
+    assert (fused.float() - plain.float()).abs().max().item() <= 4e-3 * (plain.abs().max().item() + 1)
+    step = torch.randn(128, 1, h, generator=g).cuda().half()  # a decode step
+    separate = opt.pre_attention(cfg, w, step, None)
+    wf = dict(w)
+    _fuse_qkv(wf)
+    assert "qkv" in wf and "qkv_bias" in wf
+    for a, b in zip(opt.pre_attention(cfg, wf, step, None), separate):
+        assert a.shape == b.shape and (a.float() - b.float()).abs().max().item() <= 4e-3 * (b.abs().max().item() + 1)
