@@ -75,8 +75,8 @@ class KVCaches:
                 # 2-D DMA from a contiguous copy on the GPU (kv_copy.py; ~40x PyTorch's staged copy).
                 stage = x if x.is_contiguous() else kv_copy.tile_copy_(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
                 if kv_copy.host_2d_usable(dst, stage):
+                    # On the current (store) stream: ``stage`` was allocated on it, ``x`` handed to it.
                     kv_copy.copy_to_host_2d(dst, stage, torch.cuda.current_stream(x.device))
-                    stage.record_stream(torch.cuda.current_stream(x.device))
                     return
             x = x.to(self.host)  # a strided host write: stage on the host first
             if dst is None:

@@ -36,7 +36,7 @@ def prepare(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
 def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torch.Tensor, aux=None):
     """hidden (b, s, hidden) -> q, k, v (b, heads, s, hd)."""
     x = layer_norm(h, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps) if cfg.do_layer_norm_before else h
-    if "qkv_bias" in w and x.shape[0] * x.shape[1] <= FUSED_QKV_MAX_TOKENS:
+    if "qkv_bias" in w and x.shape[0] * x.shape[1] <= DECODE_TOKENS:
         # One GEMM over the fused weight (placement._fuse_qkv): at a decode step's 128 rows three
         # 4096-wide GEMMs ran at ~2.4 TB/s of weights each; measured, prefill-sized ones did not gain.
         q, k, v = linear(x, w["qkv"], w["qkv_bias"]).split([w["q"].shape[0], w["k"].shape[0], w["v"].shape[0]], -1)
@@ -45,8 +45,9 @@ def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torc
     return split_heads(q, cfg.num_heads), split_heads(k, cfg.num_heads), split_heads(v, cfg.num_heads)
 
 
-FUSED_QKV_MAX_TOKENS = 4096
-"""Tokens up to which a layer with a fused ``qkv`` projects q, k and v in one GEMM (decode steps)."""
+DECODE_TOKENS = 4096
+"""Tokens (rows x columns) up to which a call is a decode step: q/k/v from the fused weight when
+the layer has one; above it, a prefill: fc1 with its ReLU in the GEMM epilogue (CUDA half types)."""
 
 FC1_EPILOGUE = os.environ.get("CORPUSGEN_FC1_EPILOGUE", "1") != "0"
 """Prefill fc1 (fp16/bf16 on CUDA) with the bias and ReLU in cuBLASLt's epilogue instead of a
@@ -62,10 +63,9 @@ def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Te
         h, x = add_layer_norm(h, out, w["mlp_norm"], w["mlp_norm_bias"], cfg.norm_eps)
     else:
         h = x = layer_norm(h + out, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps)
-    # in-place ReLU: the (b, s, ffn) intermediate is the largest prefill buffer; don't hold two
-    if FC1_EPILOGUE and x.is_cuda and x.dtype != torch.float32 and x.shape[0] * x.shape[1] > FUSED_QKV_MAX_TOKENS:
+    if FC1_EPILOGUE and x.is_cuda and x.dtype != torch.float32 and x.shape[0] * x.shape[1] > DECODE_TOKENS:
         a = torch._addmm_activation(w["fc1_bias"], x.reshape(-1, x.shape[-1]), w["fc1"].t()).view(*x.shape[:-1], -1)
-    else:
+    else:  # in-place ReLU: the (b, s, ffn) intermediate is the largest prefill buffer; don't hold two
         a = F.relu(linear(x, w["fc1"], w["fc1_bias"]), inplace=True)
     h = h + linear(a, w["fc2"], w["fc2_bias"])
     if not pre:

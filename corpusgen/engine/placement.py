@@ -72,6 +72,8 @@ class WeightStore:
             record, meta = self._prepare(name, w, tier, shared)
             nbytes = sum(t.numel() * t.element_size() for t in record.values())
             self.resident_bytes[tier] += nbytes
+            if tier == "gpu" and self.device.type == "cuda" and FUSE_QKV and name.startswith("layer."):
+                _fuse_qkv(record)  # after counting: q/k/v become views of the fused tensor
             if tier == "disk":
                 assert disk is not None, "a disk placement needs an offload_dir"
                 disk.put(name, record)
@@ -85,10 +87,9 @@ class WeightStore:
         self.staging = [arena.empty((max(disk_sizes),), torch.uint8) for _ in range(2)] if disk_sizes else []
         self._slot_events: list = [None, None]
         self._slot = 0
-        # Two device buffers that streamed units are copied into, alternately, reused for the whole
-        # run: a fresh 1.2 GB allocation per layer (OPT-30B) under a GPU budget made the allocator
-        # unmap and map memory, which synchronises the device and stalled the host behind the link.
-        # A buffer is refilled only after the event recorded when its last unit was released.
+        # Two device buffers that streamed units are copied into, alternately, allocated once and
+        # reused for the whole run (not a fresh allocation per layer, 1.2 GB on OPT-30B). A buffer is
+        # refilled only after the event recorded when its last unit was released.
         self._buffers: list[dict[str, torch.Tensor]] = [{}, {}]
         self._buffer_free: list = [None, None]
         self._next_buffer = 0
@@ -118,8 +119,6 @@ class WeightStore:
                 if unit == "embed":  # only the embedding can be tied; keep `t` alive so its id stays unique
                     shared[id(t)] = record[name]
                     self._keep.append(t)
-        if tier == "gpu" and self.device.type == "cuda" and FUSE_QKV and unit.startswith("layer."):
-            _fuse_qkv(record)
         return record, meta
 
     def _place(self, t: torch.Tensor, tier: str) -> torch.Tensor:
@@ -159,8 +158,8 @@ class WeightStore:
         return out
 
     def _load(self, j: int, record: Record, buf: int):
-        """Copy a host record into device buffer ``buf`` on the load stream, in chunks of at most
-        ``COPY_CHUNK`` bytes; returns (record on the device, event, buf)."""
+        """Copy a host record into device buffer ``buf`` on the load stream; returns (record on
+        the device, event, buf)."""
         if self.device.type != "cuda":
             return record, None, None
         stream = self.load_stream or torch.cuda.current_stream(self.device)
@@ -173,7 +172,7 @@ class WeightStore:
                 t = dst.get(k)
                 if t is None or t.shape != v.shape or t.dtype != v.dtype:
                     t = dst[k] = torch.empty(v.shape, dtype=v.dtype, device=self.device)
-                out[k] = _copy_chunked(t, v)
+                out[k] = t.copy_(v, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
         return out, ev, buf
@@ -218,30 +217,14 @@ OPT decode step projects them in one GEMM (``opt.pre_attention``); ``CORPUSGEN_F
 
 
 def _fuse_qkv(record: Record) -> None:
-    """Replace ``q``, ``k``, ``v`` (and ``*_bias``) by row slices of one concatenated tensor (no
-    extra memory once the originals are dropped)."""
-    for names, fused in ((("q", "k", "v"), "qkv"), (("q_bias", "k_bias", "v_bias"), "qkv_bias")):
-        if not all(n in record for n in names):
-            return
+    """Replace ``q``, ``k``, ``v`` and their biases by row slices of two concatenated tensors,
+    ``qkv`` and ``qkv_bias`` (no extra memory once the originals are dropped). Only layers with
+    uncompressed q/k/v and biases (OPT), the ones ``opt.pre_attention`` fuses."""
+    groups = ((("q", "k", "v"), "qkv"), (("q_bias", "k_bias", "v_bias"), "qkv_bias"))
+    if not all(n in record for names, _ in groups for n in names):
+        return
+    for names, fused in groups:
         parts = [record[n] for n in names]
-        if any(p.dtype != parts[0].dtype or p.shape[1:] != parts[0].shape[1:] for p in parts):
-            return
         record[fused] = torch.cat(parts)
         for n, view in zip(names, record[fused].split([p.shape[0] for p in parts])):
             record[n] = view
-
-
-COPY_CHUNK = 64 << 20
-"""Bytes per host-to-device copy of a weight: a small copy queued behind a weight (an attention
-output going back to the GPU with CPU attention) waits for at most one chunk, not a 411 MB fc1."""
-
-
-def _copy_chunked(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst.copy_(src, non_blocking=True)`` (both contiguous) in pieces of ``COPY_CHUNK`` bytes."""
-    n = src.numel() * src.element_size()
-    if n <= COPY_CHUNK or not (dst.is_contiguous() and src.is_contiguous()):
-        return dst.copy_(src, non_blocking=True)
-    d, s = dst.view(-1).view(torch.uint8), src.view(-1).view(torch.uint8)
-    for i in range(0, n, COPY_CHUNK):
-        d[i:i + COPY_CHUNK].copy_(s[i:i + COPY_CHUNK], non_blocking=True)
-    return dst

@@ -41,24 +41,28 @@ def handoff(tensors, user, owner) -> None:
             t.record_stream(user)
 
 
-def to_host_async(*xs: torch.Tensor) -> tuple:
-    """Start copying CUDA tensors into pinned host buffers on the current stream; ``wait_host``
-    returns them (host tensors pass through as they are)."""
+class HostCopy:
+    """Tensors on their way to the host: started by ``to_host``, collected by ``wait``."""
+
+    def __init__(self, tensors: list[torch.Tensor], event: torch.cuda.Event | None):
+        self.tensors, self.event = tensors, event
+
+    def wait(self) -> list[torch.Tensor]:
+        """The host tensors, once their copies have landed."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensors
+
+
+def to_host(*xs: torch.Tensor) -> HostCopy:
+    """Start copying CUDA tensors into pinned host buffers on the current stream, with one event
+    for all of them (host tensors pass through as they are)."""
     if not xs[0].is_cuda:
-        return xs
+        return HostCopy(list(xs), None)
     out = [torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True) for x in xs]
     ev = torch.cuda.Event()
     ev.record(torch.cuda.current_stream(xs[0].device))
-    return (*out[:-1], (out[-1], ev))
-
-
-def wait_host(*xs) -> tuple:
-    """The host tensors of ``to_host_async``, once their copies have landed."""
-    if not isinstance(xs[-1], tuple):
-        return xs
-    last, ev = xs[-1]
-    ev.synchronize()
-    return (*xs[:-1], last)
+    return HostCopy(out, ev)
 
 
 def onto_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
