@@ -4,7 +4,9 @@
 
 Prompts are the summarisation prompt of jobs/summarize.yaml over benchmarks/data/varied.parquet
 (made by benchmarks/make_varied_corpus.py when missing), in the model's chat template, cut to
---max-prompt tokens. Configurations, each on the same rows in one process:
+--max-prompt tokens. With --job FILE the prompt, stop strings and output schema (constrained
+decoding) are that job's, as `corpusgen run` uses them; only max_new_tokens is --max-new-tokens.
+Configurations, each on the same rows in one process:
 
   plain       FlexGen's way: rows in input order, fixed blocks, every row waits for the block's longest,
               every row computes its whole prompt
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--job", default=None, help="a job spec: its prompt, stop strings and schema")
     ap.add_argument("--only", default="plain,+bucket,+refill,+prefix")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (best reported)")
@@ -62,14 +65,30 @@ def main() -> None:
     base_policy = Policy(gpu_batch_size=args.batch, num_gpu_batches=args.num_gpu_batches)
     eng = open_engine(args.model, device=args.device, dtype=args.dtype, policy=base_policy)
     tok = eng.tokenizer
+    s = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
+    render, grammar = None, None
+    if args.job:
+        from dataclasses import replace
+
+        from corpusgen.answers import answer_format, bind_grammar
+        from corpusgen.prompts import PromptBuilder
+        from corpusgen.spec import load_spec
+
+        spec = load_spec(args.job)
+        builder = PromptBuilder(spec.prompt, tok, max_context=eng.max_context, max_new_tokens=args.max_new_tokens)
+        render = lambda r, text: builder.build(r["id"], {**r, "text": text}).ids  # noqa: E731
+        s = replace(spec.generation.sampling(), max_new_tokens=args.max_new_tokens)
+        grammar = bind_grammar(answer_format(spec)[0], eng, print)
     reqs = []
     for r in rows:
         ids = tok.encode(r["text"], add_special_tokens=False)[: args.max_prompt]
         text = tok.decode(ids)
-        prompt = tok.chat_prompt("You summarise documents in exactly one short sentence.",  # jobs/summarize.yaml
-                                 f"Summarise this document in one sentence.\n\nTitle: {r['title']}\n\n{text}")
+        if render is not None:
+            prompt = render(r, text)
+        else:
+            prompt = tok.chat_prompt("You summarise documents in exactly one short sentence.",  # jobs/summarize.yaml
+                                     f"Summarise this document in one sentence.\n\nTitle: {r['title']}\n\n{text}")
         reqs.append(Request(key=r["id"], prompt_ids=prompt))
-    s = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=0.0)
     window = args.batch * args.num_gpu_batches * 8
     bucketed = [q for i in range(0, len(reqs), window) for q in sorted(reqs[i:i + window], key=lambda q: len(q.prompt_ids))]
     configs = {  # rows in order, refill, shared prefix
@@ -88,7 +107,8 @@ def main() -> None:
             eng.block.policy = pol
             eng.block.stats.__init__()
             t0 = time.perf_counter()
-            out = {r.key: r.token_ids for r in eng.generate(order, s)}
+            hook = grammar.hook(s.max_new_tokens) if grammar is not None else None
+            out = {r.key: r.token_ids for r in eng.generate(order, s, logits_hook=hook)}
             seconds.setdefault(name, []).append(time.perf_counter() - t0)
             outputs.setdefault(name, out)
             dt = min(seconds[name])
@@ -104,9 +124,11 @@ def main() -> None:
                              "prefill_s": round(st.prefill_seconds, 2), "decode_s": round(st.decode_seconds, 2)}
             print(name, json.dumps(results[name]), flush=True)
     lens = sorted(len(v) for v in outputs[next(iter(outputs))].values())
-    print(json.dumps({"rows": len(reqs), "device": str(eng.device), "dtype": str(eng.dtype),
+    print(json.dumps({"job": args.job, "stop": list(s.stop), "schema": grammar is not None,
+                      "rows": len(reqs), "device": str(eng.device), "dtype": str(eng.dtype),
                       "prompt_tokens_median": sorted(len(q.prompt_ids) for q in reqs)[len(reqs) // 2],
-                      "answer_tokens_median": lens[len(lens) // 2], "answer_tokens_max": lens[-1],
+                      "answer_tokens_median": lens[len(lens) // 2], "answer_tokens_mean": round(sum(lens) / len(lens), 1),
+                      "answer_tokens_max": lens[-1],
                       "threads": torch.get_num_threads(), "results": results}))
 
 

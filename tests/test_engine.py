@@ -256,6 +256,30 @@ def test_eos_and_stop_and_length(tiny):
     assert {r.finish_reason for r in out.values()} <= {"eos", "stop", "length"}
 
 
+def test_stop_screen_agrees_with_the_whole_text():
+    """The per-step stop screen (a decoded tail) fires at the first step whose whole text holds a
+    stop string, never earlier and never later: random rows over tokens of 0-3 characters."""
+    import random
+
+    from corpusgen.engine.sampling import find_stop, stop_in_tail
+
+    vocab = ["a", "b", "\n", "\n\n", "ab", "é", "x\n", "", "\nb", "ba"]
+    decode = lambda ids: "".join(vocab[i] for i in ids)  # noqa: E731
+    rng = random.Random(0)
+    fired = 0
+    for _ in range(400):
+        stops = rng.choice([("\n\n",), ("ab\nb", "é\n"), ("aaa",)])
+        toks: list[int] = []
+        for _ in range(40):
+            toks.append(rng.randrange(len(vocab)))
+            whole = find_stop(decode(toks), stops) is not None
+            assert stop_in_tail(decode, toks, stops) == whole, (stops, toks)
+            if whole:
+                fired += 1
+                break
+    assert fired > 100
+
+
 def test_disk_read_failure_raises_promptly(tmp_path):
     """A failing disk read in the offloading tier surfaces as an error within a second, never a hang."""
     torch.manual_seed(0)

@@ -47,6 +47,21 @@ def sample(logits: torch.Tensor, s: SamplingSettings, generators: Sequence[torch
     return out.to(logits.device)
 
 
+def stop_in_tail(decode, tokens: Sequence[int], stops: Sequence[str]) -> bool:
+    """Whether a stop string shows in the decoded last few ``tokens``: a cheap screen, run every
+    step, for a stop that the newest token completed (a row's whole text is decoded only when it
+    passes). The tail starts at 4 tokens per character of the longest stop plus 4 (a character may
+    take 4 byte tokens) and doubles until it decodes to 4 characters more than that stop (tokens
+    that decode to nothing), so it holds any stop string that ends in the newest token."""
+    longest = max(len(x) for x in stops)
+    n = 4 * longest + 4
+    while True:
+        tail = decode(tokens[-n:])
+        if len(tail) >= longest + 4 or n >= len(tokens):
+            return any(x and x in tail for x in stops)
+        n *= 2
+
+
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index where the earliest stop string starts in ``text``, or None."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]

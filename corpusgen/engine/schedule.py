@@ -62,7 +62,7 @@ from corpusgen.engine import layers as L
 from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
 from corpusgen.engine.placement import WeightStore, family_of
-from corpusgen.engine.sampling import find_stop, row_generator, sample
+from corpusgen.engine.sampling import find_stop, row_generator, sample, stop_in_tail
 from corpusgen.engine.streams import HostCopy, Streams, handoff, on, onto_device, to_host
 from corpusgen.policy.policy import Policy
 
@@ -530,8 +530,8 @@ class BlockEngine:
                 else:
                     b.tokens[i].append(t)
                 text = None
-                if s.stop and b.finish[i] is None:
-                    text = self.tok.decode(b.tokens[i])
+                if s.stop and b.finish[i] is None and stop_in_tail(self.tok.decode, b.tokens[i], s.stop):
+                    text = self.tok.decode(b.tokens[i])  # whole text: where the earliest stop starts
                     cut = find_stop(text, s.stop)
                     if cut is not None:
                         b.finish[i], text = "stop", text[:cut]
