@@ -3,6 +3,7 @@
     python benchmarks/gpu_suite.py check            # CUDA == CPU token for token, Triton self-check
     python benchmarks/gpu_suite.py profile          # measure the machine -> $OUT/hardware.yaml
     python benchmarks/gpu_suite.py bench NAME ...   # named configurations below, one subprocess each
+    python benchmarks/gpu_suite.py step-gaps [GEN]  # OPT-6.7B x 128: a decode step's GPU busy time vs wall
 
 Every bench runs in its own process (a GPU budget caps the allocator for the whole process) and
 appends one JSON line to $OUT/bench.jsonl; a short table is printed last.
@@ -200,6 +201,53 @@ def trace(model: str = "opt-6.7b", n: int = 128, gen: int = 4) -> None:
     print("decode s/step", eng.stats.decode_seconds / max(1, gen - 1))
 
 
+def step_gaps(gen: int = 9, model: str = "opt-6.7b", n: int = 128) -> None:
+    """A decode step's wall time against the GPU time of its kernels (union of their intervals),
+    from two profiled runs (1 and ``gen`` tokens) whose difference is ``gen - 1`` decode steps; and
+    the kernels that make up a step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import open_engine
+    from corpusgen.policy.policy import Policy
+
+    eng = open_engine(model, dummy=True, policy=Policy(gpu_batch_size=n))
+    eng.block.eos = set()
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(key=str(i), prompt_ids=torch.randint(4, 50000, (512,), generator=g).tolist()) for i in range(n)]
+    list(eng.generate(reqs, SamplingSettings(max_new_tokens=2)))
+    got = {}
+    for steps in (1, gen):
+        torch.cuda.synchronize()
+        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            list(eng.generate(reqs, SamplingSettings(max_new_tokens=steps)))
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+        busy, end = 0.0, float("-inf")
+        for a, b in spans:  # union of kernel intervals, microseconds
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        per = {}
+        for e in prof.key_averages():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per[e.key] = (e.self_device_time_total, e.count)
+        got[steps] = (wall, busy / 1e6, per)
+    (w1, b1, p1), (wn, bn, pn) = got[1], got[gen]
+    k = gen - 1
+    print(f"decode step: wall {(wn - w1) / k * 1e3:.2f} ms, GPU busy {(bn - b1) / k * 1e3:.2f} ms "
+          f"(prefill run: wall {w1:.3f} s, busy {b1:.3f} s)")
+    rows = sorted(((pn[key][0] - p1.get(key, (0, 0))[0]) / k, (pn[key][1] - p1.get(key, (0, 0))[1]) / k, key)
+                  for key in pn)
+    for us, calls, key in reversed(rows[-14:]):
+        print(f"  {us / 1e3:7.3f} ms/step {calls:6.1f} calls/step  {key[:110]}")
+    eng.close()
+
+
 def trace_config(name: str, gen: int = 3) -> None:
     """Profile one bench configuration's prefill and ``gen - 1`` decode steps (CPU and CUDA
     activity): where a decode step's host time goes (CPU attention, waits, copies)."""
@@ -237,6 +285,8 @@ if __name__ == "__main__":
         profile()
     elif what == "trace":
         trace()
+    elif what == "step-gaps":
+        step_gaps(*map(int, sys.argv[2:]))
     elif what == "trace-config":
         trace_config(sys.argv[2], *map(int, sys.argv[3:]))
     elif what == "bench":

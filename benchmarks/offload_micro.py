@@ -12,6 +12,8 @@
   bf16) at several thread counts, alone and while the host-to-GPU link streams weights.
 * ``qkv``: OPT-6.7B's prefill projections as three GEMMs against one fused GEMM.
 * ``linear``: OPT-6.7B's linears at decode and prefill sizes, weight as stored against transposed.
+* ``mlp``: OPT-6.7B's prefill MLP (65,536 rows) whole against cut into row chunks, and fc1 / fc2
+  alone over a sweep of row counts (cuBLAS picks its kernel by shape).
 
 Each result is one JSON line; every equality check raises on a mismatch.
 """
@@ -229,6 +231,48 @@ def part_linear(emit) -> None:
             rate = (lambda t: w.numel() * 2 / t / 1e9) if m == 128 else (lambda t: 2 * m * n * k / t / 1e9)
             emit(part="linear", m=m, n=n, k=k, linear_us=t_lin * 1e3, addmm_t_us=t_nn * 1e3,
                  unit="GB/s" if m == 128 else "TFLOP/s", linear_rate=rate(t_lin), addmm_t_rate=rate(t_nn))
+
+
+def part_mlp(emit) -> None:
+    d, f, m = 4096, 16384, 65536
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, d, device="cuda", dtype=torch.float16, generator=g)
+    h = torch.randn(m, d, device="cuda", dtype=torch.float16, generator=g)
+    w1 = torch.randn(f, d, device="cuda", dtype=torch.float16, generator=g) * 0.02
+    w2 = torch.randn(d, f, device="cuda", dtype=torch.float16, generator=g) * 0.02
+    b1 = torch.randn(f, device="cuda", dtype=torch.float16, generator=g) * 0.02
+    b2 = torch.randn(d, device="cuda", dtype=torch.float16, generator=g) * 0.02
+    flops = 2 * 2 * m * d * f
+
+    def whole(xx, hh):
+        a = torch._addmm_activation(b1, xx, w1.t())
+        return hh + F.linear(a, w2, b2)
+
+    def chunked(rows):
+        def run():
+            out = torch.empty_like(h)
+            for i in range(0, m, rows):
+                out[i:i + rows] = whole(x[i:i + rows], h[i:i + rows])
+            return out
+        return run
+
+    ref = whole(x, h)
+    for rows in (65536, 32768, 16384, 8192):
+        fn = chunked(rows) if rows < m else (lambda: whole(x, h))
+        diff = (fn().float() - ref.float()).abs().max().item()  # another GEMM shape may round otherwise
+        assert diff <= 4e-3 * (ref.abs().max().item() + 1), (rows, diff)
+        t = gpu_ms(fn, 10)
+        emit(part="mlp", rows_per_chunk=rows, ms=t, tflops=flops / t / 1e9, max_abs_diff=diff)
+    for rows in (65536, 32768, 16384, 8192, 4096):
+        xa = x[:rows]
+        a = torch._addmm_activation(b1, xa, w1.t())
+        t1 = gpu_ms(lambda: torch._addmm_activation(b1, xa, w1.t()), 10)
+        t2 = gpu_ms(lambda: F.linear(a, w2, b2), 10)
+        emit(part="mlp-gemm", rows=rows, fc1_ms=t1, fc2_ms=t2, fc1_tflops=2 * rows * d * f / t1 / 1e9,
+             fc2_tflops=2 * rows * d * f / t2 / 1e9)
+        del a
+    sq = gpu_ms(lambda: F.linear(x, w1[:d], b1[:d]), 40)  # the 4096 x 4096 shape, run ~4x as long
+    emit(part="mlp-gemm", rows=m, square_ms=sq, square_tflops=2 * m * d * d / sq / 1e9)
 
 
 def main() -> None:

@@ -202,7 +202,7 @@ def test_fused_layer_norm_matches_pytorch(monkeypatch, dtype):
 
 def test_opt_mlp_epilogue_and_fused_qkv_match_the_plain_path(monkeypatch):
     """OPT's prefill fc1 with the ReLU in the GEMM epilogue, and a decode step's q/k/v from the fused
-    weight, agree with the separate ops to fp16 rounding."""
+    weight, agree with the separate ops to fp16 rounding; so does the MLP over row chunks."""
     from corpusgen.engine import opt
     from corpusgen.engine.config import preset
     from corpusgen.engine.placement import _fuse_qkv
@@ -218,6 +218,10 @@ def test_opt_mlp_epilogue_and_fused_qkv_match_the_plain_path(monkeypatch):
     attn = torch.randn(2, cfg.num_heads, 2600, cfg.head_dim, generator=g).cuda().half()
     monkeypatch.setattr(opt, "FC1_EPILOGUE", True)
     fused = opt.post_attention(cfg, w, x, attn)
+    monkeypatch.setattr(opt, "MLP_ROWS", 2048)  # the MLP over row chunks (the last one short)
+    chunked = opt.post_attention(cfg, w, x, attn)
+    assert (chunked.float() - fused.float()).abs().max().item() <= 4e-3 * (fused.abs().max().item() + 1)
+    monkeypatch.setattr(opt, "MLP_ROWS", 0)
     monkeypatch.setattr(opt, "FC1_EPILOGUE", False)
     plain = opt.post_attention(cfg, w, x, attn)
     assert (fused.float() - plain.float()).abs().max().item() <= 4e-3 * (plain.abs().max().item() + 1)

@@ -55,6 +55,23 @@ separate in-place ReLU over the (tokens, ffn) output: OPT-6.7B prefill 1.440 -> 
 (interleaved runs, docs/benchmarks.md a3). ``CORPUSGEN_FC1_EPILOGUE=0`` turns it off."""
 
 
+MLP_ROWS = int(os.environ.get("CORPUSGEN_MLP_ROWS", "16384"))
+"""A CUDA prefill's MLP runs over this many rows at a time (0: all at once). Rows are independent;
+what changes is the GEMM shape cuBLAS picks a kernel for (so the rounding may differ, as between
+any two kernels), and the (rows, ffn) intermediate, the largest prefill buffer, shrinks to a chunk's."""
+
+
+def _mlp(w: Weights, x: torch.Tensor, h: torch.Tensor, epilogue: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h + fc2(relu(fc1(x))) over 2-D rows; into ``out`` when given."""
+    if epilogue:
+        a = torch._addmm_activation(w["fc1_bias"], x, w["fc1"].t())
+    else:  # in-place ReLU: the (rows, ffn) intermediate is the largest prefill buffer; don't hold two
+        a = F.relu(linear(x, w["fc1"], w["fc1_bias"]), inplace=True)
+    y = linear(a, w["fc2"], w["fc2_bias"])
+    del a
+    return torch.add(h, y, out=out) if out is not None else h + y
+
+
 def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Residual stream h (b, s, hidden) and attention output (b, heads, s, hd) -> new h."""
     pre = cfg.do_layer_norm_before
@@ -63,11 +80,16 @@ def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Te
         h, x = add_layer_norm(h, out, w["mlp_norm"], w["mlp_norm_bias"], cfg.norm_eps)
     else:
         h = x = layer_norm(h + out, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps)
-    if FC1_EPILOGUE and x.is_cuda and x.dtype != torch.float32 and x.shape[0] * x.shape[1] > DECODE_TOKENS:
-        a = torch._addmm_activation(w["fc1_bias"], x.reshape(-1, x.shape[-1]), w["fc1"].t()).view(*x.shape[:-1], -1)
-    else:  # in-place ReLU: the (b, s, ffn) intermediate is the largest prefill buffer; don't hold two
-        a = F.relu(linear(x, w["fc1"], w["fc1_bias"]), inplace=True)
-    h = h + linear(a, w["fc2"], w["fc2_bias"])
+    x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+    rows = x2.shape[0]
+    epilogue = FC1_EPILOGUE and x2.is_cuda and x2.dtype != torch.float32 and rows > DECODE_TOKENS
+    if MLP_ROWS and x2.is_cuda and rows > MLP_ROWS:
+        out = torch.empty_like(h2)
+        for i in range(0, rows, MLP_ROWS):
+            _mlp(w, x2[i:i + MLP_ROWS], h2[i:i + MLP_ROWS], epilogue, out=out[i:i + MLP_ROWS])
+        h = out.view(h.shape)
+    else:
+        h = _mlp(w, x2, h2, epilogue).view(h.shape)
     if not pre:
         h = layer_norm(h, w["mlp_norm"], w["mlp_norm_bias"], cfg.norm_eps)
     return h
