@@ -146,6 +146,14 @@ def _bench_ranks(model, ranks, stages, dummy, device, dtype, policy, gpu_memory,
             "generate_wall_s": round(wall, 3), "ranks": gathered}
 
 
+def _graph_counts(engine) -> dict | None:
+    """Decode steps replayed from CUDA graphs (engine/decode_graph.py), or None when not used."""
+    g = getattr(engine.block, "graphs", None)
+    if g is None:
+        return None
+    return {"captures": g.captures, "replays": g.replays, "capture_s": round(g.capture_seconds, 4)}
+
+
 def _measure(engine, share, ranks, n: int, prompt_len: int, gen_len: int, seed: int, profile, dummy: bool,
              gpu_memory: int | None) -> dict[str, Any]:
     """Generate the workload (rows ``share[0]::share[1]`` of it, when given) and return this
@@ -202,6 +210,7 @@ def _measure(engine, share, ranks, n: int, prompt_len: int, gen_len: int, seed: 
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated(engine.device) / GIB, 3) if gpu else None,
             "peak_pinned_gib": round(engine.arena.peak / GIB, 3),
             "disk_gib": round((engine.disk.bytes_written if engine.disk else 0) / GIB, 3),
+            "decode_graphs": _graph_counts(engine),
         }
     finally:
         engine.close()

@@ -80,7 +80,7 @@ def test_engine_decodes_alike_with_the_kernel_and_with_sdpa(monkeypatch, tmp_pat
     monkeypatch.setattr(da, "MIN_KV_ELEMENTS", 0)
     calls = []
     real = da.decode_attention
-    monkeypatch.setattr(da, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(da, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def run(enabled):
         monkeypatch.setattr(da, "ENABLED", enabled)
@@ -98,6 +98,76 @@ def test_engine_decodes_alike_with_the_kernel_and_with_sdpa(monkeypatch, tmp_pat
     assert ours.shape == (6, 12, 99)
     scale = sdpa.abs().max().item()
     assert (ours - sdpa).abs().max().item() <= 2e-2 * scale, (ours - sdpa).abs().max().item()
+
+
+# --------------------------------------------------------------------------- decode_graph.py
+
+@pytest.mark.parametrize("family,refill,prefix", [("opt", False, False), ("opt", True, True), ("llama", True, False)])
+def test_decode_graphs_compute_what_the_eager_steps_compute(monkeypatch, tmp_path, family, refill, prefix):
+    """fp16 on CUDA, every unit resident: decode steps replayed from CUDA graphs give the eager
+    steps' logits (to the attention's split rounding) and the same greedy tokens, with padded rows,
+    two GPU batches, fixed blocks or refill (batches compacted and re-captured), a shared prefix."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from corpusgen.engine import decode_graph
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import IdTokenizer, open_engine
+    from corpusgen.policy.policy import Policy
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=99, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=160, bos_token_id=1, eos_token_id=98, pad_token_id=0)
+    hf = (LlamaForCausalLM(LlamaConfig(**common, intermediate_size=512, num_key_value_heads=4)) if family == "llama"
+          else OPTForCausalLM(OPTConfig(**common, ffn_dim=512)))
+    hf.save_pretrained(tmp_path)
+    head = [9, 8, 7, 6, 5, 4] if prefix else []
+    prompts = [head + [5 + i + j % 7 for j in range(3 + 9 * i)] for i in range(8)]
+    reqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(prompts)]
+    # Rows end at different steps (refill compacts its batches; fixed blocks run to the longest).
+    lengths = {str(i): 6 + 3 * i for i in range(8)}
+    targets = {k: [(7 * int(k) + 3 * s) % 90 + 5 for s in range(n)] for k, n in lengths.items()}
+
+    class Hook:
+        """Records each row's logits and forces its targets, then EOS (98) at its length."""
+
+        def __init__(self):
+            self.logits = {k: [] for k in targets}
+
+        def mask(self, keys, logits):
+            forced = torch.full_like(logits, float("-inf"))
+            for i, k in enumerate(keys):
+                seen = self.logits[k]
+                if len(seen) < lengths[k]:
+                    seen.append(logits[i].float().cpu())
+                forced[i, targets[k][len(seen) - 1] if len(seen) < lengths[k] else 98] = 0.0
+            return forced
+
+        def advance(self, keys, next_ids):
+            pass
+
+    def run(graphs):
+        monkeypatch.setattr(decode_graph, "ENABLED", graphs)
+        policy = Policy(gpu_batch_size=4, num_gpu_batches=2, refill=refill, shared_prefix=prefix)
+        eng = open_engine(str(tmp_path), dtype="float16", device="cuda", tokenizer=IdTokenizer(99), policy=policy)
+        assert (eng.block.graphs is not None) == graphs
+        hook = Hook()
+        list(eng.generate(reqs, SamplingSettings(max_new_tokens=40), logits_hook=hook))
+        g = eng.block.graphs
+        counts = (g.captures, g.replays) if g is not None else (0, 0)
+        eng.block.eos = set()  # greedy, every row to max_new_tokens
+        greedy = {r.key: r.token_ids for r in eng.generate(reqs, SamplingSettings(max_new_tokens=20))}
+        eng.close()
+        return hook.logits, counts, greedy
+
+    got, (captures, replays), greedy = run(True)
+    want, none, eager_greedy = run(False)
+    assert none == (0, 0)
+    assert captures >= 2 and replays > captures, (captures, replays)
+    for k in targets:
+        a, b = torch.stack(got[k]), torch.stack(want[k])
+        assert a.shape == b.shape == (lengths[k], 99)
+        assert (a - b).abs().max().item() <= 1e-2 * b.abs().max().item(), (k, (a - b).abs().max().item())
+    assert greedy == eager_greedy
 
 
 # --------------------------------------------------------------------------- kv_copy.py

@@ -108,6 +108,26 @@ def test_greedy_equals_transformers_generate(tiny):
     assert _generate(_engine(path, gpu_batch_size=4)) == _hf_greedy(hf)
 
 
+def test_prompt_step_runs_the_last_layer_for_the_last_column_only(tiny, monkeypatch):
+    """The head reads the last column, so the prompt step's last layer computes its output
+    projection and MLP for that column alone (its K/V for every column), and the outputs stay
+    transformers' (test_greedy_equals_transformers_generate covers the same path)."""
+    name, hf, path = tiny
+    eng = _engine(path, gpu_batch_size=6)
+    fam, seen = eng.block.fam, []
+    real = fam.post_attention
+
+    def spy(cfg, w, h, attn):
+        seen.append(tuple(h.shape[:2]))
+        return real(cfg, w, h, attn)
+
+    monkeypatch.setattr(fam, "post_attention", spy)
+    assert _generate(eng, n=3) == _hf_greedy(hf, n=3)
+    width = max(len(p) for p in PROMPTS)
+    assert seen[:2] == [(6, width), (6, 1)]  # the prompt step: layer 0 whole, the last layer one column
+    assert seen[2:] == [(6, 1)] * 4  # two decode steps of two layers
+
+
 def test_batched_equals_one_at_a_time(tiny):
     """Padding and batching must not change any row's output."""
     name, hf, path = tiny

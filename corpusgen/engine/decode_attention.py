@@ -68,11 +68,14 @@ with a compile inside the timed decode). Strides stay specialised: they are mult
 if triton is not None:
 
     @triton.jit(do_not_specialize=_RUNTIME)
-    def _mha_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, m_ptr, l_ptr,
+    def _mha_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, m_ptr, l_ptr, klen_ptr,
                     sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sm_b,
                     k_len, heads, split_len, n_splits, scale,
-                    D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr, DIRECT: tl.constexpr):  # fmt: skip
+                    D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr, DIRECT: tl.constexpr,
+                    KLEN_DEV: tl.constexpr):  # fmt: skip
         # One (row, head) and one span of columns; scores are row sums of q * K on CUDA cores.
+        if KLEN_DEV:  # the live length from the device (CUDA graphs); k_len is the capacity
+            k_len = tl.minimum(tl.load(klen_ptr), k_len)
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // heads
@@ -147,14 +150,17 @@ def _programs(device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float, block_t: int | None = None, num_warps: int = 2,
-                     num_stages: int | None = None, programs: int | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, programs: int | None = None,
+                     klen: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v for one query per row, over a multi-head cache.
 
     q (batch, heads, 1, D); k, v (batch, heads, k_len, D), any strides with a contiguous last dim
     (a narrowed cache is fine); mask (batch, 1, 1, k_len) or (batch, k_len) bool, True = visible,
-    or None. ``block_t`` (columns per tile), ``num_warps``, ``num_stages`` (Triton's default when
-    None) and ``programs`` (how many the splits aim to fill) are tuning knobs for the benchmark.
-    Returns (batch, heads, 1, D) in q's dtype.
+    or None. ``klen``: a one-element int32 CUDA tensor, the keys to attend (the first ``klen`` of
+    the k_len columns), read by the kernel, so that the launch is the same at every step (CUDA
+    graphs, decode_graph.py); the splits then follow k_len. ``block_t`` (columns per tile),
+    ``num_warps``, ``num_stages`` (Triton's default when None) and ``programs`` (how many the
+    splits aim to fill) are tuning knobs for the benchmark. Returns (batch, heads, 1, D) in q's dtype.
     """
     assert triton is not None, "triton is not available"
     b, heads, one, d = q.shape
@@ -187,10 +193,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         m = torch.empty((b * heads, n_splits), dtype=torch.float32, device=q.device)
         l_s = torch.empty_like(m)
     _mha_kernel[(b * heads, n_splits)](
-        q, k, v, mask_arg, acc, m, l_s,
+        q, k, v, mask_arg, acc, m, l_s, klen if klen is not None else q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sm_b,
         k_len, heads, split_len, n_splits, scale,
-        D=d, BLOCK_T=block_t, HAS_MASK=has_mask, DIRECT=direct, num_warps=num_warps,
+        D=d, BLOCK_T=block_t, HAS_MASK=has_mask, DIRECT=direct, KLEN_DEV=klen is not None, num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}))  # fmt: skip
     if not direct:
         _combine_kernel[(b * heads,)](acc, m, l_s, out, n_splits, D=d, S_P=MAX_SPLITS)
@@ -208,8 +214,10 @@ def warm_up(device, dtype: torch.dtype, cfg) -> None:
     for k_len in (8, 4096):  # one split (a tile), several (a long cache, one row)
         q = torch.zeros(1, 1, 1, d, device=device, dtype=dtype)
         k = torch.zeros(1, 1, k_len, d, device=device, dtype=dtype)
+        klen = torch.full((1,), k_len, dtype=torch.int32, device=device)
         for mask in (None, torch.ones(1, 1, 1, k_len, dtype=torch.bool, device=device)):
             decode_attention(q, k, k, mask, 1.0)
+            decode_attention(q, k, k, mask, 1.0, klen=klen)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -254,4 +262,10 @@ def selfcheck(device: str = "cuda", seed: int = 0) -> dict[str, float]:
                 tol = 4 * torch.finfo(dtype).eps * (ref.abs().max().item() + 1)
                 assert not got.isnan().any() and err <= tol, ((b, heads, k_len, d), dtype, err, tol)
                 report[f"b{b} h{heads} t{k_len} d{d} {str(dtype)[6:]}{' mask' if m is not None else ''}"] = err
+                # The live length from the device over the whole buffer (CUDA graphs): the same result.
+                klen = torch.full((1,), k_len, dtype=torch.int32, device=device)
+                full_m = None if m is None else torch.cat([m.reshape(b, k_len), m.new_zeros(b, 7)], 1)
+                got = decode_attention(q, cache_k, cache_v, full_m, d ** -0.5, klen=klen)
+                err = (got.double() - ref).abs().max().item()
+                assert not got.isnan().any() and err <= tol, ("klen", (b, heads, k_len, d), dtype, err, tol)
     return report

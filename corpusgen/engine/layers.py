@@ -213,6 +213,16 @@ def positions_from_pad(pad: torch.Tensor, start: int, length: int, prefix: int =
     return torch.where(cols[None, :] < prefix, cols[None, :], shifted)
 
 
+def positions_at(pad: torch.Tensor, col: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+    """``positions_from_pad(pad, c, 1, prefix)`` for the column c held in the one-element device
+    tensor ``col``: (batch, 1), no host value involved (CUDA graphs, decode_graph.py)."""
+    cols = col.view(1, 1)
+    if prefix == 0:
+        return (cols - pad[:, None]).clamp_min(0)
+    shifted = (cols - pad[:, None]).clamp_min(prefix)
+    return torch.where(cols < prefix, cols, shifted)
+
+
 MLP_CHUNK_TOKENS = 8192
 """Tokens per chunk of a SwiGLU MLP: its three (tokens, ffn) intermediates were the largest
 prefill buffers (Llama-2-70B, 128 rows x 512 tokens: 3.5 GiB each, 14 GiB in all)."""

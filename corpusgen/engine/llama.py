@@ -21,8 +21,9 @@ Weights = dict[str, torch.Tensor]
 
 
 @functools.lru_cache(maxsize=8)
-def _inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    return rope_inv_freq(cfg)
+def _inv_freq(cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+    """Kept on the device the positions live on: no host copy per step (nor inside a CUDA graph)."""
+    return rope_inv_freq(cfg).to(device)
 
 
 def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tens
 
 def prepare(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
     """Per-step, per-batch values shared by every layer: the rotary cos/sin (b, s, hd)."""
-    return rope_cos_sin(_inv_freq(cfg), positions, dtype)
+    return rope_cos_sin(_inv_freq(cfg, positions.device), positions, dtype)
 
 
 def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torch.Tensor, aux=None):

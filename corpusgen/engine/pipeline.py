@@ -221,6 +221,8 @@ class StageEngine(BlockEngine):
                  tokenizer, device: torch.device, dtype: torch.dtype, eos_ids: Sequence[int]):
         super().__init__(cfg, store, policy, tokenizer=tokenizer, device=device, dtype=dtype, eos_ids=eos_ids)
         self.stage, self.link = stage, link
+        self.feeds_head = stage.last  # a stage before the last sends every column of its output on
+        self.graphs = None  # turns run their own loop (``_turn``), not ``_pass``'s decode graphs
         n = cfg.num_layers  # the stage's own: units are embed, layer.0 … layer.{n-1}, head
         self.unit_range = range(0 if stage.first else 1, n + 2 if stage.last else n + 1)
         self.admit_seconds = 0.0  # admitting rows (allocating their KV), for benchmarks

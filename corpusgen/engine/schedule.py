@@ -43,6 +43,8 @@ attention a layer runs in two phases: every GPU batch's pre-attention and q/k/v 
 the host attends batch after batch (``_compute_begin``/``_compute_end``), so no batch's q/k/v wait
 on the GPU behind another's attention output, itself queued on the link behind the next weights.
 With ``overlap: false`` every copy runs on the compute stream (a reference for tests).
+When nothing streams (every unit, K/V and activation on the GPU, uncompressed), each batch's decode
+step is a CUDA graph replay instead of the unit loop (decode_graph.py): same math, no host launches.
 On a CPU-only machine the "GPU" tier is the CPU: the same loop runs, copies become no-ops or
 clones, and the disk tier still prefetches on its I/O pool, so CI exercises the whole schedule.
 """
@@ -57,7 +59,7 @@ from typing import Iterator, Sequence
 import torch
 
 from corpusgen.engine import compression as cq
-from corpusgen.engine import kv_cache
+from corpusgen.engine import decode_graph, kv_cache
 from corpusgen.engine import layers as L
 from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
@@ -96,6 +98,8 @@ class _Batch:
     masks: dict = field(default_factory=dict)  # this step's attention masks, by device type
     positions: torch.Tensor | None = None  # (b, s) token positions of this step's inputs
     aux: object = None  # the family's per-step values (Llama: rotary cos/sin)
+    graph: object = None  # decode_graph._Graph of this batch's decode steps, when captured
+    graph_key: tuple | None = None  # the buffers the last eager decode step ran on (decode_graph)
 
 
 class BlockEngine:
@@ -125,6 +129,12 @@ class BlockEngine:
         self.kv_rot = cq.kv_rotation(cfg.head_dim, dtype, device) if ck is not None and ck.rotate else None
         self._prefix: _Batch | None = None  # the shared prefix's one-row batch, holding its K/V
         self._widest = 0  # KV columns of the widest batch admitted in this run (bounds merges)
+        # Whether this engine's last layer feeds the head: then a prompt step's last layer needs
+        # its output only at the last column (``_layer_end``). A pipeline stage that passes its
+        # hidden states on to the next stage needs them all (pipeline.StageEngine sets False).
+        self.feeds_head = True
+        # Decode steps of a GPU-resident model as CUDA graphs (decode_graph.py), or None.
+        self.graphs = decode_graph.DecodeGraphs(self) if decode_graph.eligible(self) else None
 
     # ------------------------------------------------------------------ the block
     def run(self, requests: Sequence[Request], sampling: SamplingSettings, logits_hook=None,
@@ -176,8 +186,24 @@ class BlockEngine:
 
     def _pass(self, batches: list[_Batch]) -> float:
         """One token step: every unit once, every GPU batch under it. Returns its seconds."""
-        n_units = self.cfg.num_layers + 2
         t0 = time.perf_counter()
+        if self.graphs is not None and all(b.col > b.start and b.ids.shape[1] == 1 for b in batches):
+            # Every batch decodes and every unit is resident: batch by batch, each a graph replay
+            # (or, the first step with new buffers, the units eagerly). Nothing streams, so the
+            # order of batches and units changes no data movement.
+            for b in batches:
+                if not self.graphs.step(b):
+                    self._units([b])
+        else:
+            self._units(batches)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        return time.perf_counter() - t0
+
+    def _units(self, batches) -> None:
+        """Every unit once, every GPU batch of ``batches`` under it (the block schedule's loop)."""
+        batches = list(batches)
+        n_units = self.cfg.num_layers + 2
         self.store.prefetch(0)
         for j in range(n_units):
             w = self.store.get(j)
@@ -211,9 +237,6 @@ class BlockEngine:
                     pending = ahead
             w = None  # drop this layer's (dequantised) weights before the next get()
             self.store.release(j)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return time.perf_counter() - t0
 
     def _set_prefix(self, prefix: Sequence[int] | None) -> int:
         """Make ``prefix``'s K/V available (computing it only when it changed); its length, or 0."""
@@ -485,6 +508,11 @@ class BlockEngine:
             attn = self._attend(q, ks, vs, b, col, q_len, end)
         if rot is not None:
             attn = rot.undo(attn)  # softmax(·) V R R^T = softmax(·) V
+        if q_len > 1 and layer == cfg.num_layers - 1 and self.feeds_head:
+            # The head reads only the last column (every row's last prompt token: left padding),
+            # and the last layer's K/V are written above: the output projection and MLP of the
+            # other columns would be thrown away. OPT-6.7B, 512-token prompts: 1/43 of the prefill.
+            h, attn = h[:, -1:], attn[:, :, -1:]
         return self.fam.post_attention(cfg, w, h, attn)
 
     def _as_stored(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,163 @@
+"""CUDA graphs for the decode steps of a GPU-resident model.
+
+Why: with every weight and the whole KV cache on the GPU, a decode step is ~480 small dependent
+kernels (OPT-6.7B, 128 rows: 14.3 ms of GPU work), launched one by one from Python. Measured on
+an H200 the step took 15.6 ms of wall time, and 19–25 ms in processes where the host ran slower
+(docs/benchmarks.md a4): the GPU waited on the launches. A CUDA graph launches the whole step
+(embedding, every layer, the head) as one replay, so the host is out of the step's critical
+path; sampling and stop checks stay on the host, between replays.
+
+What a graph needs is a step whose every shape and address is fixed. Three things move from
+step to step in the eager path, and here they are device tensors the graph reads:
+- the column the new token's K/V are written to (``index_copy_`` at a device index);
+- the attention's key length (``decode_attention(..., klen=)``: the grid covers the batch's
+  whole KV capacity, programs past the live length do nothing);
+- the token positions (from the column and the batch's padding, on the device).
+
+A batch is captured at its first decode step (the capture's warm-up run is that step), and with
+refill at its second with the same buffers (so a batch that changes every step, by compaction or
+KV growth, never pays for a capture); it replays its graph while its rows and K/V buffers stay
+the same. Outputs differ from the
+eager path's by rounding only (the attention's splits follow the capacity, not the live length):
+``tests/test_cuda_kernels.py`` checks greedy outputs are the same.
+
+Used only where it applies (``eligible``): CUDA, every unit and every layer's K/V on the GPU,
+activations on the GPU, no compression, and an attention the split-KV kernel serves (one query
+head per K/V head, fp16/bf16). ``CORPUSGEN_CUDA_GRAPHS=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from corpusgen.engine import decode_attention
+from corpusgen.engine import layers as L
+
+ENABLED = os.environ.get("CORPUSGEN_CUDA_GRAPHS", "1") != "0"
+"""Decode steps of GPU-resident models through CUDA graphs; ``CORPUSGEN_CUDA_GRAPHS=0``: eager."""
+
+
+def eligible(engine) -> bool:
+    """Whether ``engine`` (a BlockEngine) may run its decode steps through graphs."""
+    cfg, store, policy = engine.cfg, engine.store, engine.policy
+    return (ENABLED and engine.device.type == "cuda" and decode_attention.triton is not None
+            and decode_attention.ENABLED
+            and all(t == "gpu" for t in store.tier) and all(t == "gpu" for t in engine.kv_tier)
+            and engine.act_on_gpu and policy.compress_kv is None and policy.compress_weights is None
+            and engine.dtype in (torch.float16, torch.bfloat16)
+            and cfg.num_heads == cfg.num_kv_heads and cfg.head_dim in (64, 128, 256))
+
+
+@dataclass
+class _Graph:
+    key: tuple
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor  # (b, 1) the step's input tokens
+    col: torch.Tensor  # (1,) long: the column written this step
+    klen: torch.Tensor  # (1,) int32: keys attended (col + 1)
+    logits: torch.Tensor  # (b, vocab) fp32, written by every replay
+    keep: tuple  # the other tensors the graph reads (padding, mask): alive as long as it is
+
+
+class DecodeGraphs:
+    """Per-batch graphs of one engine's decode steps (``BlockEngine._pass``)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        # One capture stream for every graph: cuBLAS keeps a workspace per stream it has run on.
+        self.side = torch.cuda.Stream(engine.device)
+        self.captures = 0  # graphs captured (for tests and benchmarks)
+        self.replays = 0
+        self.capture_seconds = 0.0  # host time of captures (their warm-up step included)
+        self.timed: list | None = None  # a list: (start, end) CUDA events of each replay (benchmarks)
+
+    @staticmethod
+    def _key(b) -> tuple:
+        """What a graph of batch ``b`` bakes in: its row count, prompt layout, every K/V buffer."""
+        return (len(b.rows), b.start, b.no_pad, b.pad.data_ptr(),
+                tuple(c.data_ptr() for kv in b.kv for c in kv), tuple(c.shape for c in b.kv[0]))
+
+    def step(self, b) -> bool:
+        """Batch ``b``'s decode step through its graph (``b.logits`` set); False when this step
+        should run eagerly (the first step with these buffers)."""
+        key = self._key(b)
+        g = b.graph
+        if g is not None and g.key == key:
+            g.ids.copy_(b.ids)
+            g.col.fill_(b.col)
+            g.klen.fill_(b.col + 1)
+            if self.timed is not None:
+                ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev[0].record()
+                g.graph.replay()
+                ev[1].record()
+                self.timed.append(ev)
+            else:
+                g.graph.replay()
+            b.logits = g.logits
+            self.replays += 1
+            return True
+        b.graph = None  # frees the old graph's memory pool
+        if self.engine.policy.refill and b.graph_key != key:
+            b.graph_key = key  # refill changes batches (compaction, KV growth): capture when stable
+            return False
+        t0 = time.perf_counter()
+        b.graph = self._capture(b, key)
+        self.capture_seconds += time.perf_counter() - t0
+        return True
+
+    def _capture(self, b, key: tuple) -> _Graph:
+        eng = self.engine
+        dev = eng.device
+        ids = b.ids.clone()
+        col = torch.full((1,), b.col, dtype=torch.long, device=dev)
+        klen = torch.full((1,), b.col + 1, dtype=torch.int32, device=dev)
+        mask = None
+        if not b.no_pad:  # padding columns are never visible; the live length bounds the rest
+            cap = b.kv[0][0].shape[2]
+            mask = L.attention_mask(b.pad, cap - 1, 1, cap, b.start).reshape(len(b.rows), cap)
+        pad = b.pad.clone()
+        weights = [eng.store.get(j) for j in range(eng.cfg.num_layers + 2)]
+
+        def step() -> torch.Tensor:
+            return _decode_step(eng, weights, b, ids, col, klen, pad, mask)
+
+        side = self.side
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up on the capture stream: this step's real result
+            b.logits = step()
+        cur = torch.cuda.current_stream(dev)
+        cur.wait_stream(side)
+        b.logits.record_stream(cur)  # sampled on the compute stream
+        # Not ``torch.cuda.graph(...)``: its entry runs gc.collect() and empty_cache() (tens of ms
+        # in a large process, and the allocator's cache is gone for the next prefill).
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")  # the disk pool's threads may run
+            try:
+                logits = step()
+            finally:
+                graph.capture_end()
+        self.captures += 1
+        return _Graph(key, graph, ids, col, klen, logits, keep=(pad, mask))
+
+
+def _decode_step(eng, weights, b, ids, col, klen, pad, mask) -> torch.Tensor:
+    """One decode step of batch ``b``, every shape fixed: embedding, layers, head -> logits."""
+    cfg, fam = eng.cfg, eng.fam
+    positions = L.positions_at(pad, col, b.start)  # (b, 1)
+    aux = fam.prepare(cfg, positions, eng.dtype)
+    h = fam.embed(cfg, weights[0], ids, positions)
+    for i in range(cfg.num_layers):
+        w = weights[i + 1]
+        q, k, v = fam.pre_attention(cfg, w, h, positions, aux)
+        kc, vc = b.kv[i]
+        kc.index_copy_(2, col, k)
+        vc.index_copy_(2, col, v)
+        attn = decode_attention.decode_attention(q, kc, vc, mask, eng.scale, klen=klen)
+        h = fam.post_attention(cfg, w, h, attn)
+    return fam.head(cfg, weights[-1], h[:, -1])
