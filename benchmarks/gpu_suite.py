@@ -4,6 +4,8 @@
     python benchmarks/gpu_suite.py profile          # measure the machine -> $OUT/hardware.yaml
     python benchmarks/gpu_suite.py bench NAME ...   # named configurations below, one subprocess each
     python benchmarks/gpu_suite.py step-gaps [GEN]  # OPT-6.7B x 128: a decode step's GPU busy time vs wall
+    python benchmarks/gpu_suite.py prefill-ab [N]   # OPT-6.7B x 128 prefill: last layer for the last column vs all
+    python benchmarks/gpu_suite.py decode-steps [N] # OPT-6.7B x 128: decode steps from CUDA graphs vs eager
 
 Every bench runs in its own process (a GPU budget caps the allocator for the whole process) and
 appends one JSON line to $OUT/bench.jsonl; a short table is printed last.
@@ -277,6 +279,82 @@ def trace_config(name: str, gen: int = 3) -> None:
     eng.close()
 
 
+def prefill_ab(rounds: int = 4, model: str = "opt-6.7b", n: int = 128) -> None:
+    """Prefill seconds with the last layer's output projection and MLP run for the last column
+    only (the engine's way) and for every column (``feeds_head = False``), interleaved in one
+    process, with the same greedy first token checked."""
+    import torch
+
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import open_engine
+    from corpusgen.policy.policy import Policy
+
+    eng = open_engine(model, dummy=True, policy=Policy(gpu_batch_size=n))
+    eng.block.eos = set()
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(key=str(i), prompt_ids=torch.randint(4, 50000, (512,), generator=g).tolist()) for i in range(n)]
+    list(eng.generate(reqs, SamplingSettings(max_new_tokens=1)))  # warm-up
+    times: dict[bool, list[float]] = {True: [], False: []}
+    first: dict[bool, dict] = {}
+    for _ in range(rounds):
+        for last_only in (True, False):
+            eng.block.feeds_head = last_only
+            eng.stats.prefill_seconds = 0.0
+            out = {r.key: r.token_ids for r in eng.generate(reqs, SamplingSettings(max_new_tokens=1))}
+            times[last_only].append(eng.stats.prefill_seconds)
+            first[last_only] = out
+    same = sum(first[True][k] == first[False][k] for k in first[True])
+    for last_only in (True, False):
+        ts = times[last_only]
+        print(f"last layer for {'the last column' if last_only else 'every column'}: prefill "
+              f"{', '.join(f'{t:.4f}' for t in ts)} s (mean {sum(ts) / len(ts):.4f})")
+    print(f"first tokens identical: {same}/{len(first[True])}")
+    eng.close()
+
+
+def decode_steps(rounds: int = 2, model: str = "opt-6.7b", n: int = 128, gen: int = 32) -> None:
+    """Decode step wall times with CUDA graphs and eagerly, interleaved in one process (fixed
+    blocks, 512-token prompts), and the GPU time of each replay: what a step spends on the host."""
+    import statistics
+
+    import torch
+
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import open_engine
+    from corpusgen.policy.policy import Policy
+
+    eng = open_engine(model, dummy=True, policy=Policy(gpu_batch_size=n, refill=False))
+    eng.block.eos = set()
+    blk = eng.block
+    graphs = blk.graphs
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(key=str(i), prompt_ids=torch.randint(4, 50000, (512,), generator=g).tolist()) for i in range(n)]
+    list(eng.generate(reqs, SamplingSettings(max_new_tokens=3)))  # warm-up
+    times: list[float] = []
+    real = blk._pass
+    blk._pass = lambda batches: times.append(real(batches)) or times[-1]
+    tokens = {}
+    for _ in range(rounds):
+        for on in ((True, False) if graphs is not None else (False,)):
+            blk.graphs = graphs if on else None
+            if graphs is not None:
+                graphs.timed = []
+            times.clear()
+            tokens[on] = {r.key: r.token_ids for r in eng.generate(reqs, SamplingSettings(max_new_tokens=gen))}
+            dec = [t * 1e3 for t in times[1:]]  # times[0]: the prefill
+            line = (f"{'graphs' if on else 'eager '}: first decode step {dec[0]:.2f} ms, then median "
+                    f"{statistics.median(dec[1:]):.2f}, min {min(dec[1:]):.2f}, max {max(dec[1:]):.2f}, "
+                    f"decode total {sum(dec):.1f} ms")
+            if on:
+                gpu = [a.elapsed_time(b) for a, b in graphs.timed]
+                line += f"; replay GPU time median {statistics.median(gpu):.2f} ms (min {min(gpu):.2f})"
+            print(line)
+    if len(tokens) == 2:
+        same = sum(tokens[True][k] == tokens[False][k] for k in tokens[True])
+        print(f"rows with identical tokens, graphs vs eager: {same}/{len(tokens[True])}")
+    eng.close()
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     if what == "check":
@@ -287,6 +365,10 @@ if __name__ == "__main__":
         trace()
     elif what == "step-gaps":
         step_gaps(*map(int, sys.argv[2:]))
+    elif what == "decode-steps":
+        decode_steps(*map(int, sys.argv[2:]))
+    elif what == "prefill-ab":
+        prefill_ab(*map(int, sys.argv[2:]))
     elif what == "trace-config":
         trace_config(sys.argv[2], *map(int, sys.argv[3:]))
     elif what == "bench":
