@@ -102,23 +102,27 @@ def test_engine_decodes_alike_with_the_kernel_and_with_sdpa(monkeypatch, tmp_pat
 
 # --------------------------------------------------------------------------- decode_graph.py
 
-@pytest.mark.parametrize("family,refill,prefix", [("opt", False, False), ("opt", True, True), ("llama", True, False)])
+@pytest.mark.parametrize("family,refill,prefix", [("opt", False, False), ("opt", True, True), ("llama", True, False),
+                                                   ("llama-gqa", False, False), ("llama-gqa", True, True)])
 def test_decode_graphs_compute_what_the_eager_steps_compute(monkeypatch, tmp_path, family, refill, prefix):
     """fp16 on CUDA, every unit resident: decode steps replayed from CUDA graphs give the eager
     steps' logits (to the attention's split rounding) and the same greedy tokens, with padded rows,
-    two GPU batches, fixed blocks or refill (batches compacted and re-captured), a shared prefix."""
+    two GPU batches, fixed blocks or refill (batches compacted and re-captured), a shared prefix;
+    multi-head models through the split-KV kernel, grouped-query ones through SDPA with a mask."""
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     from corpusgen.engine import decode_graph
     from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.kv_cache import KVCaches
     from corpusgen.engine.load import IdTokenizer, open_engine
     from corpusgen.policy.policy import Policy
 
     torch.manual_seed(0)
     common = dict(vocab_size=99, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
                   max_position_embeddings=160, bos_token_id=1, eos_token_id=98, pad_token_id=0)
-    hf = (LlamaForCausalLM(LlamaConfig(**common, intermediate_size=512, num_key_value_heads=4)) if family == "llama"
-          else OPTForCausalLM(OPTConfig(**common, ffn_dim=512)))
+    kv_heads = {"llama": 4, "llama-gqa": 2}
+    hf = (LlamaForCausalLM(LlamaConfig(**common, intermediate_size=512, num_key_value_heads=kv_heads[family]))
+          if family in kv_heads else OPTForCausalLM(OPTConfig(**common, ffn_dim=512)))
     hf.save_pretrained(tmp_path)
     head = [9, 8, 7, 6, 5, 4] if prefix else []
     prompts = [head + [5 + i + j % 7 for j in range(3 + 9 * i)] for i in range(8)]
@@ -145,6 +149,13 @@ def test_decode_graphs_compute_what_the_eager_steps_compute(monkeypatch, tmp_pat
         def advance(self, keys, next_ids):
             pass
 
+    real_alloc = KVCaches.alloc
+
+    def nan_alloc(self, *a, **k):  # K/V columns not yet written hold NaN: nothing may read them
+        return tuple(c.fill_(float("nan")) for c in real_alloc(self, *a, **k))
+
+    monkeypatch.setattr(KVCaches, "alloc", nan_alloc)
+
     def run(graphs):
         monkeypatch.setattr(decode_graph, "ENABLED", graphs)
         policy = Policy(gpu_batch_size=4, num_gpu_batches=2, refill=refill, shared_prefix=prefix)
@@ -168,6 +179,45 @@ def test_decode_graphs_compute_what_the_eager_steps_compute(monkeypatch, tmp_pat
         assert a.shape == b.shape == (lengths[k], 99)
         assert (a - b).abs().max().item() <= 1e-2 * b.abs().max().item(), (k, (a - b).abs().max().item())
     assert greedy == eager_greedy
+
+
+def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch, tmp_path):
+    """An op that cannot be captured: one warning, graphs off, and the tokens of eager steps."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from corpusgen.engine import decode_graph
+    from corpusgen.engine.api import Request, SamplingSettings
+    from corpusgen.engine.load import IdTokenizer, open_engine
+
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=99, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512,
+                             max_position_embeddings=128, bos_token_id=1, eos_token_id=98,
+                             pad_token_id=0)).save_pretrained(tmp_path)
+    reqs = [Request(key=str(i), prompt_ids=[5 + i + j % 7 for j in range(3 + 5 * i)]) for i in range(4)]
+
+    def run():
+        eng = open_engine(str(tmp_path), dtype="float16", device="cuda", tokenizer=IdTokenizer(99))
+        eng.block.eos = set()
+        out = {r.key: r.token_ids for r in eng.generate(reqs, SamplingSettings(max_new_tokens=8))}
+        graphs = eng.block.graphs
+        eng.close()
+        return out, graphs
+
+    monkeypatch.setattr(decode_graph, "ENABLED", False)
+    eager, _ = run()
+    monkeypatch.setattr(decode_graph, "ENABLED", True)
+    real = decode_graph._decode_step
+
+    def uncapturable(*a):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(*a)
+
+    monkeypatch.setattr(decode_graph, "_decode_step", uncapturable)
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        got, graphs = run()
+    assert graphs is None
+    assert got == eager
 
 
 # --------------------------------------------------------------------------- kv_copy.py

@@ -11,7 +11,8 @@ What a graph needs is a step whose every shape and address is fixed. Three thing
 step to step in the eager path, and here they are device tensors the graph reads:
 - the column the new token's K/V are written to (``index_copy_`` at a device index);
 - the attention's key length (``decode_attention(..., klen=)``: the grid covers the batch's
-  whole KV capacity, programs past the live length do nothing);
+  whole KV capacity, programs past the live length do nothing; or, with SDPA, a mask over the
+  capacity computed from the column on the device);
 - the token positions (from the column and the batch's padding, on the device).
 
 A batch is captured at its first decode step (the capture's warm-up run is that step), and with
@@ -22,14 +23,19 @@ eager path's by rounding only (the attention's splits follow the capacity, not t
 ``tests/test_cuda_kernels.py`` checks greedy outputs are the same.
 
 Used only where it applies (``eligible``): CUDA, every unit and every layer's K/V on the GPU,
-activations on the GPU, no compression, and an attention the split-KV kernel serves (one query
-head per K/V head, fp16/bf16). ``CORPUSGEN_CUDA_GRAPHS=0`` turns it off.
+activations on the GPU, no compression. Attention is the split-KV kernel's where it serves the model
+(one query head per K/V head, fp16/bf16), reading the live length from the device; otherwise
+(grouped-query models such as SmolLM2 and Llama 3, fp32) PyTorch's SDPA over the batch's whole K/V
+capacity, the live length a device-computed mask. If a capture fails (an op or driver that cannot
+be captured), a warning says so and the engine runs eagerly from then on; the step that failed used
+its warm-up run's result. ``CORPUSGEN_CUDA_GRAPHS=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +49,17 @@ ENABLED = os.environ.get("CORPUSGEN_CUDA_GRAPHS", "1") != "0"
 
 def eligible(engine) -> bool:
     """Whether ``engine`` (a BlockEngine) may run its decode steps through graphs."""
-    cfg, store, policy = engine.cfg, engine.store, engine.policy
-    return (ENABLED and engine.device.type == "cuda" and decode_attention.triton is not None
-            and decode_attention.ENABLED
+    store, policy = engine.store, engine.policy
+    return (ENABLED and engine.device.type == "cuda"
             and all(t == "gpu" for t in store.tier) and all(t == "gpu" for t in engine.kv_tier)
-            and engine.act_on_gpu and policy.compress_kv is None and policy.compress_weights is None
-            and engine.dtype in (torch.float16, torch.bfloat16)
-            and cfg.num_heads == cfg.num_kv_heads and cfg.head_dim in (64, 128, 256))
+            and engine.act_on_gpu and policy.compress_kv is None and policy.compress_weights is None)
+
+
+def _kernel_serves(cfg, dtype: torch.dtype) -> bool:
+    """Whether the split-KV kernel attends for this model (multi-head, fp16/bf16); otherwise
+    PyTorch's SDPA does, over the whole K/V capacity with the live length in its mask."""
+    return (decode_attention.triton is not None and decode_attention.ENABLED and cfg.num_heads == cfg.num_kv_heads
+            and cfg.head_dim in (64, 128, 256) and dtype in (torch.float16, torch.bfloat16))
 
 
 @dataclass
@@ -70,10 +80,12 @@ class DecodeGraphs:
         self.engine = engine
         # One capture stream for every graph: cuBLAS keeps a workspace per stream it has run on.
         self.side = torch.cuda.Stream(engine.device)
+        self.kernel = _kernel_serves(engine.cfg, engine.dtype)
         self.captures = 0  # graphs captured (for tests and benchmarks)
         self.replays = 0
         self.capture_seconds = 0.0  # host time of captures (their warm-up step included)
         self.timed: list | None = None  # a list: (start, end) CUDA events of each replay (benchmarks)
+        self.failed = False  # a capture failed: every step runs eagerly
 
     @staticmethod
     def _key(b) -> tuple:
@@ -83,7 +95,10 @@ class DecodeGraphs:
 
     def step(self, b) -> bool:
         """Batch ``b``'s decode step through its graph (``b.logits`` set); False when this step
-        should run eagerly (the first step with these buffers)."""
+        should run eagerly (with refill, the first step with these buffers; after a failed capture,
+        every step)."""
+        if self.failed:
+            return False
         key = self._key(b)
         g = b.graph
         if g is not None and g.key == key:
@@ -106,25 +121,36 @@ class DecodeGraphs:
             b.graph_key = key  # refill changes batches (compaction, KV growth): capture when stable
             return False
         t0 = time.perf_counter()
-        b.graph = self._capture(b, key)
+        b.graph = self._capture(b, key)  # this step's logits in b.logits either way
         self.capture_seconds += time.perf_counter() - t0
         return True
 
-    def _capture(self, b, key: tuple) -> _Graph:
+    def _capture(self, b, key: tuple) -> _Graph | None:
+        """Run batch ``b``'s step eagerly on the capture stream (its logits into ``b.logits``), then
+        capture it; None (and the engine's graphs off, with a warning) when capture fails."""
         eng = self.engine
         dev = eng.device
         ids = b.ids.clone()
         col = torch.full((1,), b.col, dtype=torch.long, device=dev)
         klen = torch.full((1,), b.col + 1, dtype=torch.int32, device=dev)
-        mask = None
-        if not b.no_pad:  # padding columns are never visible; the live length bounds the rest
-            cap = b.kv[0][0].shape[2]
+        cap = b.kv[0][0].shape[2]
+        mask = None  # padding columns are never visible; the live length bounds the rest
+        if not b.no_pad:
             mask = L.attention_mask(b.pad, cap - 1, 1, cap, b.start).reshape(len(b.rows), cap)
+        cols = None
+        if not self.kernel:  # SDPA: the live length as a mask over the whole capacity
+            cols = torch.arange(cap, device=dev)
+            # Masked keys still enter SDPA's arithmetic (a NaN score or value is not masked away),
+            # and columns not yet written hold whatever memory held: zeros from here on, and the
+            # replays write the columns in order (the kernel never loads masked columns).
+            for kc, vc in b.kv:
+                kc[:, :, b.col:].zero_()
+                vc[:, :, b.col:].zero_()
         pad = b.pad.clone()
         weights = [eng.store.get(j) for j in range(eng.cfg.num_layers + 2)]
 
         def step() -> torch.Tensor:
-            return _decode_step(eng, weights, b, ids, col, klen, pad, mask)
+            return _decode_step(eng, weights, b, ids, col, klen, pad, mask, cols)
 
         side = self.side
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -136,20 +162,31 @@ class DecodeGraphs:
         # Not ``torch.cuda.graph(...)``: its entry runs gc.collect() and empty_cache() (tens of ms
         # in a large process, and the allocator's cache is gone for the next prefill).
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(side):
-            graph.capture_begin(capture_error_mode="thread_local")  # the disk pool's threads may run
-            try:
-                logits = step()
-            finally:
-                graph.capture_end()
+        try:
+            with torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")  # the disk pool's threads may run
+                try:
+                    logits = step()
+                finally:
+                    graph.capture_end()
+        except RuntimeError as e:  # an op or driver that cannot be captured: eager from here on
+            warnings.warn(f"corpusgen: decode steps run eagerly, a CUDA graph could not be captured ({e})",
+                          RuntimeWarning, stacklevel=2)
+            eng.graphs, self.failed = None, True
+            return None
         self.captures += 1
-        return _Graph(key, graph, ids, col, klen, logits, keep=(pad, mask))
+        return _Graph(key, graph, ids, col, klen, logits, keep=(pad, mask, cols))
 
 
-def _decode_step(eng, weights, b, ids, col, klen, pad, mask) -> torch.Tensor:
-    """One decode step of batch ``b``, every shape fixed: embedding, layers, head -> logits."""
+def _decode_step(eng, weights, b, ids, col, klen, pad, mask, cols) -> torch.Tensor:
+    """One decode step of batch ``b``, every shape fixed: embedding, layers, head -> logits.
+    ``cols`` (capacity,): column indices when SDPA attends (the kernel reads ``klen`` itself)."""
     cfg, fam = eng.cfg, eng.fam
     positions = L.positions_at(pad, col, b.start)  # (b, 1)
+    visible = None
+    if cols is not None:  # (b, 1, 1, capacity): written columns, padding excluded
+        live = (cols <= col)[None, :]
+        visible = (live if mask is None else mask & live).expand(len(b.rows), -1)[:, None, None, :]
     aux = fam.prepare(cfg, positions, eng.dtype)
     h = fam.embed(cfg, weights[0], ids, positions)
     for i in range(cfg.num_layers):
@@ -158,6 +195,9 @@ def _decode_step(eng, weights, b, ids, col, klen, pad, mask) -> torch.Tensor:
         kc, vc = b.kv[i]
         kc.index_copy_(2, col, k)
         vc.index_copy_(2, col, v)
-        attn = decode_attention.decode_attention(q, kc, vc, mask, eng.scale, klen=klen)
+        if cols is None:
+            attn = decode_attention.decode_attention(q, kc, vc, mask, eng.scale, klen=klen)
+        else:
+            attn = L.attend(q, kc, vc, visible, eng.scale)
         h = fam.post_attention(cfg, w, h, attn)
     return fam.head(cfg, weights[-1], h[:, -1])

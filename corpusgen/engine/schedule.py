@@ -187,12 +187,13 @@ class BlockEngine:
     def _pass(self, batches: list[_Batch]) -> float:
         """One token step: every unit once, every GPU batch under it. Returns its seconds."""
         t0 = time.perf_counter()
-        if self.graphs is not None and all(b.col > b.start and b.ids.shape[1] == 1 for b in batches):
+        graphs = self.graphs
+        if graphs is not None and all(b.col > b.start and b.ids.shape[1] == 1 for b in batches):
             # Every batch decodes and every unit is resident: batch by batch, each a graph replay
             # (or, the first step with new buffers, the units eagerly). Nothing streams, so the
             # order of batches and units changes no data movement.
             for b in batches:
-                if not self.graphs.step(b):
+                if not graphs.step(b):
                     self._units([b])
         else:
             self._units(batches)
