@@ -93,6 +93,7 @@ def test_bench_with_policy_file_prints_throughput_and_appends_json(tmp_path):
     rec = json.loads(lines[0])
     assert rec["label"] == "cli-test" and rec["num_seqs"] == 4 and rec["gen_len"] == 4
     assert rec["policy"]["gpu_batch_size"] == 4 and rec["total_tps"] > 0 and rec["predicted_tps"] > 0
+    assert rec["decode_graphs"] is None and "CUDA graphs" not in r.output  # CUDA only
 
 
 def test_profile_cpu_writes_yaml_and_reuses_it(tmp_path):
@@ -152,3 +153,22 @@ def test_help_of_every_command_does_not_import_torch():
     assert out.returncode == 0, out.stderr
     for name in ("profile", "plan", "bench"):
         assert name in out.stdout
+
+
+def test_bench_table_reports_decode_graphs():
+    """The bench table says how many decode steps were CUDA graph replays when there were any."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from corpusgen.cli.planning import _render_bench
+
+    rec = {"prefill_tps": 1.0, "decode_tps": 2.0, "total_tps": 3.0, "decode_step_s": 0.01, "decode_step_link_s": 0.0,
+           "decode_step_link_bytes": 0, "peak_gpu_gib": 1.0, "peak_pinned_gib": 0.0, "disk_gib": 0.0, "load_s": 1.0,
+           "generate_wall_s": 2.0, "decode_graphs": {"captures": 1, "replays": 29, "capture_s": 0.03}}
+    report = SimpleNamespace(plan=SimpleNamespace(memory=SimpleNamespace(gpu=0, cpu=0, disk=0)), prefill_tps=1.0,
+                             decode_tps=2.0, throughput=3.0, profile=SimpleNamespace(this_machine=True, source="x"))
+    out = io.StringIO()
+    _render_bench(Console(file=out, width=120), rec, report)
+    assert "29 replays, 1 captures" in out.getvalue()

@@ -329,6 +329,9 @@ def _render_bench(console: Any, rec: dict[str, Any], report: Any) -> None:
     t.add_row("decode step (s)", _num(rec["decode_step_s"], 4), "")
     t.add_row("  link time of its transfers (s)", _num(rec["decode_step_link_s"], 4),
               f"{rec['decode_step_link_bytes'] / 2**30:.2f} GiB moved")
+    g = rec.get("decode_graphs")
+    if g:  # every unit on the GPU: decode steps replayed from CUDA graphs (engine/decode_graph.py)
+        t.add_row("  from CUDA graphs", f"{g['replays']} replays, {g['captures']} captures", "")
     t.add_row("peak GPU (GiB)", _num(rec["peak_gpu_gib"], 2), f"{mem.gpu / 2**30:.2f}")
     t.add_row("peak pinned CPU (GiB)", _num(rec["peak_pinned_gib"], 2), f"{mem.cpu / 2**30:.2f}")
     t.add_row("disk (GiB)", _num(rec["disk_gib"], 2), f"{mem.disk / 2**30:.2f}")
