@@ -148,7 +148,7 @@ def _bench_ranks(model, ranks, stages, dummy, device, dtype, policy, gpu_memory,
 
 def _graph_counts(engine) -> dict | None:
     """Decode steps replayed from CUDA graphs (engine/decode_graph.py), or None when not used."""
-    g = getattr(engine.block, "graphs", None)
+    g = engine.block.graphs
     if g is None:
         return None
     return {"captures": g.captures, "replays": g.replays, "capture_s": round(g.capture_seconds, 4)}

@@ -533,3 +533,14 @@ def test_chunked_mlp_equals_whole(tiny):
         assert torch.allclose(llama.post_attention(cfg, w, h, attn), whole, atol=1e-6)
     finally:
         llama.chunked.__defaults__ = (old,)
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_positions_at_a_device_column_equal_positions_from_pad(prefix):
+    """The CUDA graphs' positions (column in a tensor) are the eager path's (column an int)."""
+    from corpusgen.engine import layers as L
+
+    pad = torch.tensor([0, 2, 5])
+    for c in range(prefix, 12):
+        want = L.positions_from_pad(pad, c, 1, prefix)
+        assert torch.equal(L.positions_at(pad, torch.tensor([c]), prefix), want), c

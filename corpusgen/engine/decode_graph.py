@@ -18,8 +18,7 @@ step to step in the eager path, and here they are device tensors the graph reads
 A batch is captured at its first decode step (the capture's warm-up run is that step), and with
 refill at its second with the same buffers (so a batch that changes every step, by compaction or
 KV growth, never pays for a capture); it replays its graph while its rows and K/V buffers stay
-the same. Outputs differ from the
-eager path's by rounding only (the attention's splits follow the capacity, not the live length):
+the same. Outputs differ from the eager path's by rounding only (the attention's splits follow the capacity, not the live length):
 ``tests/test_cuda_kernels.py`` checks greedy outputs are the same.
 
 Used only where it applies (``eligible``): CUDA, every unit and every layer's K/V on the GPU,
@@ -146,17 +145,16 @@ class DecodeGraphs:
             for kc, vc in b.kv:
                 kc[:, :, b.col:].zero_()
                 vc[:, :, b.col:].zero_()
-        pad = b.pad.clone()
+        pad = b.pad  # its address is in the key: a new tensor means a new capture
         weights = [eng.store.get(j) for j in range(eng.cfg.num_layers + 2)]
 
         def step() -> torch.Tensor:
             return _decode_step(eng, weights, b, ids, col, klen, pad, mask, cols)
 
-        side = self.side
-        side.wait_stream(torch.cuda.current_stream(dev))
+        side, cur = self.side, torch.cuda.current_stream(dev)
+        side.wait_stream(cur)
         with torch.cuda.stream(side):  # warm-up on the capture stream: this step's real result
             b.logits = step()
-        cur = torch.cuda.current_stream(dev)
         cur.wait_stream(side)
         b.logits.record_stream(cur)  # sampled on the compute stream
         # Not ``torch.cuda.graph(...)``: its entry runs gc.collect() and empty_cache() (tens of ms

@@ -206,17 +206,17 @@ def _decode_attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 def positions_from_pad(pad: torch.Tensor, start: int, length: int, prefix: int = 0) -> torch.Tensor:
     """Token positions (batch, length) of columns [start, start+length); padding clamps to 0
     (or to ``prefix``: its outputs are never read either way)."""
-    cols = torch.arange(start, start + length, device=pad.device)
-    if prefix == 0:
-        return (cols[None, :] - pad[:, None]).clamp_min(0)
-    shifted = (cols[None, :] - pad[:, None]).clamp_min(prefix)
-    return torch.where(cols[None, :] < prefix, cols[None, :], shifted)
+    return _positions(pad, torch.arange(start, start + length, device=pad.device)[None, :], prefix)
 
 
 def positions_at(pad: torch.Tensor, col: torch.Tensor, prefix: int = 0) -> torch.Tensor:
     """``positions_from_pad(pad, c, 1, prefix)`` for the column c held in the one-element device
     tensor ``col``: (batch, 1), no host value involved (CUDA graphs, decode_graph.py)."""
-    cols = col.view(1, 1)
+    return _positions(pad, col.view(1, 1), prefix)
+
+
+def _positions(pad: torch.Tensor, cols: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Positions (batch, n) of the columns ``cols`` (1, n) for rows padded by ``pad`` (batch,)."""
     if prefix == 0:
         return (cols - pad[:, None]).clamp_min(0)
     shifted = (cols - pad[:, None]).clamp_min(prefix)

@@ -201,9 +201,8 @@ class BlockEngine:
             torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - t0
 
-    def _units(self, batches) -> None:
+    def _units(self, batches: list[_Batch]) -> None:
         """Every unit once, every GPU batch of ``batches`` under it (the block schedule's loop)."""
-        batches = list(batches)
         n_units = self.cfg.num_layers + 2
         self.store.prefetch(0)
         for j in range(n_units):
