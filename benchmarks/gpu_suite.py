@@ -138,6 +138,11 @@ _cfg("opt30b-16g-c4-plan", "opt-30b", dict(gpu_batch_size=64, num_gpu_batches=7,
                                            kv_cache={"gpu": 0, "cpu": 1}, activations={"gpu": 0, "cpu": 1},
                                            compress_weights={"bits": 4, "group_size": 64},
                                            compress_kv={"bits": 4, "group_size": 64}), **_GPU16)
+# Chunked prefill, staggered batches (refill): each step computes one batch's prompt chunk while
+# the link carries the other batches' KV (docs/benchmarks.md c2). A corpus run: 4 blocks of rows.
+_C4_CHUNKED = dict(CONFIGS["opt30b-16g-c4-plan"]["policy"], prefill_chunk=104)
+_cfg("opt30b-16g-c4-chunked", "opt-30b", _C4_CHUNKED, num_seqs=1792, **_GPU16)
+_cfg("opt30b-16g-c4-chunked-448", "opt-30b", _C4_CHUNKED, num_seqs=448, **_GPU16)
 _cfg("opt30b-16g-cpuattn", "opt-30b", dict(gpu_batch_size=32, num_gpu_batches=2, weights={"gpu": 8 / 48, "cpu": 40 / 48},
                                            kv_cache={"gpu": 0, "cpu": 1}, cpu_attention=True), **_GPU16)
 _cfg("opt30b-16g-cpuattn-80", "opt-30b", dict(gpu_batch_size=40, num_gpu_batches=2, weights={"gpu": 7 / 48, "cpu": 41 / 48},

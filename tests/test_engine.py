@@ -544,3 +544,105 @@ def test_positions_at_a_device_column_equal_positions_from_pad(prefix):
     for c in range(prefix, 12):
         want = L.positions_from_pad(pad, c, 1, prefix)
         assert torch.equal(L.positions_at(pad, torch.tensor([c]), prefix), want), c
+
+
+@pytest.mark.parametrize("placement", [None, 3, 4, 7, "compressed", "compressed-gpu"])
+def test_chunked_prefill_equals_whole(tiny, placement, tmp_path):
+    """Prompts fed ``prefill_chunk`` columns a step (chunked prefill; with refill, staggered
+    batches) generate exactly what whole-prompt prefill does: fixed blocks and refill, with a
+    shared prefix, early exits (EOS), in each KV layout (GPU tier; host seq-major; host batch-major
+    with CPU attention) and 4-bit compressed on the host and on the GPU tier."""
+    name, hf, path = tiny
+    if name not in ("llama", "opt"):
+        pytest.skip("chunking is family-independent; two families suffice")
+    comp = dict(compress_kv=Compression(bits=4, group_size=4), compress_weights=Compression(bits=4, group_size=8))
+    pol = ({} if placement is None else dict(comp, kv_cache=Placement(gpu=0.0, cpu=1.0)) if placement == "compressed"
+           else comp if placement == "compressed-gpu" else PLACEMENTS[placement])
+    prompts = [[(7 * i + 3 * j) % 90 + 5 for j in range(1 + i % 7)] for i in range(13)]
+    prefixed = [PREFIX + p for p in prompts[:7]]
+
+    def run(chunk, prompts, eos=(), **kw):
+        eng = open_engine(path, dtype="float32", device="cpu", tokenizer=IdTokenizer(99), offload_dir=str(tmp_path),
+                          policy=Policy(gpu_batch_size=3, num_gpu_batches=2, prefill_chunk=chunk, **pol, **kw))
+        eng.block.eos = set(eos)
+        reqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(prompts)]
+        out = {r.key: (r.token_ids, r.finish_reason) for r in eng.generate(reqs, SamplingSettings(max_new_tokens=8))}
+        eng.close()
+        return [out[str(i)] for i in range(len(prompts))]
+
+    for refill in (False, True):
+        whole = run(None, prompts, refill=refill)
+        eos = {whole[0][0][2]}  # a token some rows generate: they end early, slots free up
+        whole_eos = run(None, prompts, eos, refill=refill)
+        whole_prefixed = run(None, prefixed, refill=refill, shared_prefix=True)
+        for chunk in (1, 2, 3):
+            assert run(chunk, prompts, refill=refill) == whole, (chunk, refill)
+            assert run(chunk, prompts, eos, refill=refill) == whole_eos, (chunk, refill, "eos")
+            assert run(chunk, prefixed, refill=refill, shared_prefix=True) == whole_prefixed, (chunk, refill, "prefix")
+
+
+def test_chunked_prefill_staggers_batches(tiny, monkeypatch):
+    """With refill, one batch is in its prompt at a time and its chunks share token steps with
+    the other batches' decode steps: the overlap chunked prefill exists for."""
+    name, hf, path = tiny
+    if name != "opt":
+        pytest.skip("scheduling only")
+    from corpusgen.engine import schedule
+
+    seen = []
+    real = schedule.BlockEngine._pass
+
+    def spy(self, batches):
+        seen.append((sum(not b.decoding for b in batches), sum(b.decoding for b in batches),
+                     [b.ids.shape[1] for b in batches if not b.decoding]))
+        return real(self, batches)
+
+    monkeypatch.setattr(schedule.BlockEngine, "_pass", spy)
+    eng = _engine(path, gpu_batch_size=2, num_gpu_batches=3, prefill_chunk=3)
+    out = _generate(eng, [[5 + i] * 8 for i in range(10)], n=6)
+    assert all(len(t) == 6 for t in out)
+    assert max(p for p, _, _ in seen) == 1, "more than one batch in its prompt at once"
+    assert sum(1 for p, d, _ in seen if p and d) >= 4, "prompt chunks never shared a step with decoding batches"
+    assert {w for _, _, ws in seen for w in ws} == {3, 2}, "8-column prompts run as chunks of 3, 3, 2"
+    assert eng.stats.prefill_seconds > 0 and eng.stats.decode_seconds > 0
+
+
+def test_host_arena_pools_freed_registered_buffers(monkeypatch):
+    """Freed page-locked buffers wait in a pool for the next request of their size (registering
+    13 GB of a batch's KV took seconds), count against the budget while pooled (evicted, i.e.
+    unregistered, when a new allocation would not fit), and are not reused while a view lives."""
+    import gc
+
+    from corpusgen.engine import tiers
+
+    registered, unregistered = [], []
+    monkeypatch.setattr(tiers, "can_pin", lambda: True)
+    monkeypatch.setattr(tiers, "_register", lambda t: registered.append(t.data_ptr()) or True)
+    monkeypatch.setattr(tiers, "_unregister", lambda t: unregistered.append(t.data_ptr()))
+    arena = tiers.HostArena(budget=4000)  # pool_limit 1000
+    a = arena.empty((100,), torch.float32)  # 400 bytes
+    ptr = a.data_ptr()
+    del a
+    gc.collect()
+    assert (arena.used, arena.pooled) == (0, 400) and not unregistered
+    b = arena.empty((10, 10), torch.float32)  # same size: the pooled buffer, no new registration
+    assert b.data_ptr() == ptr and arena.reused == 1 and len(registered) == 1 and arena.pooled == 0
+    view = b[:5]
+    del b
+    gc.collect()
+    assert arena.pooled == 0 and unregistered == [ptr], "a buffer with a live view must not be pooled"
+    del view
+    c = arena.empty((200,), torch.float32)  # 800 bytes, pooled when freed
+    del c
+    gc.collect()
+    assert arena.pooled == 800
+    d = arena.empty((3500,), torch.uint8)  # 800 pooled + 3500 > 4000: the pool gives way
+    assert arena.pooled == 0 and len(unregistered) == 2 and arena.used == 3500
+    e = arena.empty((400,), torch.uint8)
+    with pytest.raises(BudgetError, match="cpu_memory budget"):
+        arena.empty((200,), torch.uint8)
+    del d, e
+    gc.collect()
+    assert arena.pooled == 400 and arena.used == 0  # 3500 > pool_limit: unregistered, not pooled
+    arena.clear()
+    assert arena.pooled == 0 and len(unregistered) == 4

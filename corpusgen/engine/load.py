@@ -177,6 +177,7 @@ class Engine:
         }
 
     def close(self) -> None:
+        self.arena.clear()
         if self.disk is not None:
             self.disk.close()
         if self._tmpdir:
@@ -233,7 +234,8 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
         raise
     eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids if not dummy else ()
     if dev.type == "cuda":
-        _warm_kernels(dev, dt, cfg, compressed=bool(policy.compress_kv or policy.compress_weights))
+        _warm_kernels(dev, dt, cfg, compressed=bool(policy.compress_kv or policy.compress_weights),
+                      compress_kv=policy.compress_kv)
     if dev.type == "cpu":
         keep_freed_host_memory()
         if dt == torch.float32:
@@ -244,7 +246,7 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
                   arena=arena, disk=disk, load_seconds=time.perf_counter() - t0, _tmpdir=tmp)
 
 
-def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: bool) -> None:
+def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: bool, compress_kv=None) -> None:
     """Compile the Triton kernels the run will use now (JIT, ~1-3 s each on an H200), not inside
     the first prefill or decode step, where it was counted as generation time (OPT-6.7B: a 16.5 ms
     decode step averaged 26.9 ms over 31 steps with one compile inside)."""
@@ -256,6 +258,7 @@ def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: boo
         x = torch.randn(2, 128, device=device, dtype=dtype)
         cq.dequantize(cq.quantize(x, 4, 64, axis=-1))
     da.warm_up(device, dtype, cfg)
+    da.packed_warm_up(device, dtype, cfg, compress_kv)
     kv_copy.warm_up(device, dtype, cfg.head_dim)
     if cfg.family == "opt":
         from corpusgen.engine import fused_norm

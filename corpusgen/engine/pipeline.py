@@ -53,7 +53,7 @@ from corpusgen.engine.tiers import DiskTier, HostArena
 from corpusgen.engine.weights import dummy_units, iter_units, load_config, resolve_source, weight_shapes
 from corpusgen.errors import CorpusgenError, ModelError, PolicyError
 from corpusgen.policy.memory import MemoryEstimate, check_budgets, memory_per_tier
-from corpusgen.policy.policy import Policy
+from corpusgen.policy.policy import Policy, PolicyError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,6 +219,9 @@ class StageEngine(BlockEngine):
 
     def __init__(self, cfg: ModelConfig, store: WeightStore, policy: Policy, *, stage: Stage, link: Link,
                  tokenizer, device: torch.device, dtype: torch.dtype, eos_ids: Sequence[int]):
+        if policy.prefill_chunk is not None:
+            raise PolicyError("policy.prefill_chunk: chunked prefill is not supported across pipeline stages; "
+                              "remove it, or run data parallel")
         super().__init__(cfg, store, policy, tokenizer=tokenizer, device=device, dtype=dtype, eos_ids=eos_ids)
         self.stage, self.link = stage, link
         self.feeds_head = stage.last  # a stage before the last sends every column of its output on

@@ -59,7 +59,7 @@ from typing import Iterator, Sequence
 import torch
 
 from corpusgen.engine import compression as cq
-from corpusgen.engine import decode_graph, kv_cache
+from corpusgen.engine import decode_attention, decode_graph, kv_cache
 from corpusgen.engine import layers as L
 from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
@@ -100,6 +100,17 @@ class _Batch:
     aux: object = None  # the family's per-step values (Llama: rotary cos/sin)
     graph: object = None  # decode_graph._Graph of this batch's decode steps, when captured
     graph_key: tuple | None = None  # the buffers the last eager decode step ran on (decode_graph)
+    prompt: torch.Tensor | None = None  # chunked prefill: the whole prompt while chunks after ``ids`` remain
+
+    @property
+    def decoding(self) -> bool:
+        """Past its prompt: each step feeds one sampled token."""
+        return self.col >= self.ids_width
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step ends with a sampled token: decoding, or the prompt's last chunk."""
+        return self.prompt is None
 
 
 class BlockEngine:
@@ -135,6 +146,8 @@ class BlockEngine:
         self.feeds_head = True
         # Decode steps of a GPU-resident model as CUDA graphs (decode_graph.py), or None.
         self.graphs = decode_graph.DecodeGraphs(self) if decode_graph.eligible(self) else None
+        # Decode attention straight from a 4-bit cache, never dequantised whole (decode_attention.py).
+        self.packed_attention = decode_attention.packed_usable(cfg, device, dtype, policy.compress_kv)
 
     # ------------------------------------------------------------------ the block
     def run(self, requests: Sequence[Request], sampling: SamplingSettings, logits_hook=None,
@@ -159,7 +172,7 @@ class BlockEngine:
         while queue or batches:
             self._admit(queue, batches, sampling, plen)
             self._grow(batches, sampling.max_new_tokens)
-            prefill_only = all(b.col == b.start for b in batches)
+            prefill_only = not any(b.decoding for b in batches)
             dt = self._pass(batches)
             if prefill_only:
                 self.stats.prefill_seconds += dt
@@ -176,7 +189,15 @@ class BlockEngine:
         whose live rows fit one GPU batch are merged, so freed slots become whole batches that
         waiting rows can fill."""
         for b in batches:
-            b.col = b.ids_width if b.col == b.start else b.col + 1
+            if b.decoding:
+                b.col += 1
+            elif b.prompt is not None:  # a chunk of the prompt ran; the next one is fed next step
+                self._next_chunk(b)
+            else:  # the prompt step (or its last chunk) ran and sampled the first token
+                b.col = b.ids_width
+        for b in batches:
+            if all(f is not None for f in b.finish):
+                self._sync_stores(b)  # its host KV may go back to the arena's pool: no write in flight
         batches[:] = [b for b in batches if any(f is None for f in b.finish)]
         if self.policy.refill:
             for b in batches:
@@ -184,11 +205,19 @@ class BlockEngine:
                     self._compact(b)
             self._merge(batches)
 
+    def _next_chunk(self, b: _Batch) -> None:
+        """Chunked prefill: move batch ``b`` past the chunk it just ran, onto the next one."""
+        b.col += b.ids.shape[1]
+        off = b.col - b.start
+        b.ids = b.prompt[:, off:off + self.policy.prefill_chunk]
+        if b.col + b.ids.shape[1] >= b.ids_width:
+            b.prompt = None  # the last chunk: its step samples
+
     def _pass(self, batches: list[_Batch]) -> float:
         """One token step: every unit once, every GPU batch under it. Returns its seconds."""
         t0 = time.perf_counter()
         graphs = self.graphs
-        if graphs is not None and all(b.col > b.start and b.ids.shape[1] == 1 for b in batches):
+        if graphs is not None and all(b.decoding for b in batches):
             # Every batch decodes and every unit is resident: batch by batch, each a graph replay
             # (or, the first step with new buffers, the units eagerly). Nothing streams, so the
             # order of batches and units changes no data movement.
@@ -212,7 +241,12 @@ class BlockEngine:
             # layer's transfer) before it can start. With CPU attention every batch's is loaded
             # (activations only, small); otherwise the first batch's, the rest one batch ahead.
             two_phase = 0 < j <= self.cfg.num_layers and all(self._cpu_attends(j - 1, b, b.col) for b in batches)
-            loads = [self._load_cache(j, b, b.col) for b in (batches if two_phase else batches[:1])]
+            # With a 4-bit cache attended in place, a layer's loads are small (the block's packed KV,
+            # OPT-30B 448 rows: 2 GB) and are all queued at once, prompt chunks computed first: their
+            # long compute then hides the decoding batches' loads, not just the next one's.
+            deep = self.packed_attention and not two_phase
+            order = sorted(batches, key=lambda b: b.decoding) if deep else batches
+            loads = [self._load_cache(j, b, b.col) for b in (order if two_phase or deep else order[:1])]
             # The next unit that streams (resident ones need no load), wrapping around to the next
             # step's: the link keeps working through GPU-resident layers and the head. A resident
             # unit holds neither of the two weight buffers, so the streamed unit after that one
@@ -229,12 +263,11 @@ class BlockEngine:
                 for begun in [self._compute_begin(j, w, b, b.col, p) for b, p in zip(batches, loads)]:
                     self._compute_end(begun)
             else:
-                pending = loads[0]
-                for k, b in enumerate(batches):
-                    nb = batches[k + 1] if k + 1 < len(batches) else None
-                    ahead = self._load_cache(j, nb, nb.col) if nb is not None else None
-                    self._compute(j, w, b, b.col, pending)
-                    pending = ahead
+                for k, b in enumerate(order):
+                    if len(loads) == k + 1 and k + 1 < len(order):  # one batch ahead
+                        loads.append(self._load_cache(j, order[k + 1], order[k + 1].col))
+                    self._compute(j, w, b, b.col, loads[k])
+                    loads[k] = None
             w = None  # drop this layer's (dequantised) weights before the next get()
             self.store.release(j)
 
@@ -247,6 +280,9 @@ class BlockEngine:
             b = self._make_batch([Request(key="\0prefix", prompt_ids=ids)], SamplingSettings(), len(ids))
             b.kv = [self.caches.alloc(j, 1, len(ids)) for j in range(self.cfg.num_layers)]
             self.stats.prefill_seconds += self._pass([b])  # the head's logits are not used
+            while b.prompt is not None:  # chunked prefill: the prefix's other chunks
+                self._next_chunk(b)
+                self.stats.prefill_seconds += self._pass([b])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # its K/V stores (store stream) must land first
             b.hidden = b.logits = None
@@ -259,7 +295,11 @@ class BlockEngine:
         """Form new GPU batches from waiting rows while the block has room for a whole batch
         (without refill: only when the block is empty, then as many batches as fit). With refill,
         a decoding batch's hole of at least a quarter batch is topped up too: a batch of that many
-        rows joins, and after its prefill it merges into the batch with the hole (``_merge``)."""
+        rows joins, and after its prefill it merges into the batch with the hole (``_merge``).
+
+        Chunked prefill (``policy.prefill_chunk``) with refill: one batch is in its prompt at a
+        time, so the block's batches are staggered and each step's prompt work is one chunk: the
+        GPU computes it while the link carries the other batches' KV for their decode steps."""
         p = self.policy
         if not p.refill and batches:
             return
@@ -269,13 +309,15 @@ class BlockEngine:
         own = lambda r: len(r.prompt_ids) - plen if has_prefix(r) else len(r.prompt_ids)  # noqa: E731
         width = None
         while queue and len(batches) < 2 * p.num_gpu_batches:
+            if p.prefill_chunk and p.refill and any(not b.decoding for b in batches):
+                break  # staggered: the next batch joins when this one's prompt is done
             take = min(p.gpu_batch_size, len(queue))
             if active + take > p.block_size:
                 if not p.refill:
                     break
-                holes = [p.gpu_batch_size - _live(b) for b in batches if b.col > b.start]
+                holes = [p.gpu_batch_size - _live(b) for b in batches if b.decoding]
                 take = min(max(holes, default=0), p.block_size - active, len(queue))
-                if take < max(1, p.gpu_batch_size // 4) or any(b.col == b.start for b in batches):
+                if take < max(1, p.gpu_batch_size // 4) or not all(b.decoding for b in batches):
                     break  # no hole worth a prefill, or a top-up already waits for its prefill
                 self.stats.top_ups += 1
             rows = [queue.popleft() for _ in range(take)]
@@ -301,7 +343,7 @@ class BlockEngine:
         columns (or what its rows can still use): KV memory follows what rows generate, not the
         worst case of max_new_tokens for every row."""
         for b in batches:
-            if b.kv and b.col > b.start and b.col >= self.caches.capacity(b.kv):
+            if b.kv and b.decoding and b.col >= self.caches.capacity(b.kv):
                 room = max(max_new - len(t) for t, f in zip(b.tokens, b.finish) if f is None)
                 self._sync_stores(b)
                 b.kv = self.caches.realigned([b], b.col, b.col + min(KV_GROW, max(room, 1)))
@@ -313,7 +355,7 @@ class BlockEngine:
         step costs per batch, not per row, so two half-empty batches cost twice one full one."""
         cap = self.policy.gpu_batch_size
         while True:
-            live = sorted((b for b in batches if b.col > b.start and b.kv), key=_live)
+            live = sorted((b for b in batches if b.decoding and b.kv), key=_live)
             pair = next(((a, b) for i, a in enumerate(live) for b in live[i + 1:]
                          if a.start == b.start and _live(a) + _live(b) <= cap and self._merged_width(a, b) <= self._widest),
                         None)
@@ -384,9 +426,12 @@ class BlockEngine:
             ids[i, width - lens[i]:] = torch.as_tensor(list(r.prompt_ids[start:]), dtype=torch.long)
         pad = torch.tensor([width - n for n in lens], dtype=torch.long)
         gens = [row_generator(s.seed, r.key) for r in rows] if s.temperature > 0 else None
-        return _Batch(rows=list(rows), pad=pad.to(self.device), pad_cpu=pad, ids=ids.to(self.device),
+        ids = ids.to(self.device)
+        chunk = self.policy.prefill_chunk
+        prompt = ids if chunk and width > chunk else None  # fed ``chunk`` columns a step (_advance)
+        return _Batch(rows=list(rows), pad=pad.to(self.device), pad_cpu=pad, ids=ids[:, :chunk] if prompt is not None else ids,
                       tokens=[[] for _ in rows], finish=[None] * len(rows), gens=gens, no_pad=min(lens) == width,
-                      ids_width=start + width, start=start, col=start)
+                      ids_width=start + width, start=start, col=start, prompt=prompt)
 
     def _load_cache(self, j: int, b: _Batch, col: int):
         """Prefetch what batch ``b`` needs at unit ``j`` onto the load stream; returns (kv, h, event)."""
@@ -418,7 +463,8 @@ class BlockEngine:
             loaded_kv, loaded_h, ev = pending
             s.wait(s.compute, ev)
             handoff([*kv_cache.buffers(loaded_kv), loaded_h], s.compute, s.load)
-            if loaded_kv is not None and isinstance(loaded_kv[0], cq.Packed):
+            if (loaded_kv is not None and isinstance(loaded_kv[0], cq.Packed)
+                    and not (self.packed_attention and b.decoding)):  # else attended packed (_layer_end)
                 # Dequantised here, on the compute stream: on the load stream it would queue the
                 # link behind it (measured: OPT-30B 4-bit step = link + dequant, not their max).
                 loaded_kv = tuple(cq.dequantize(c) for c in loaded_kv)
@@ -431,8 +477,8 @@ class BlockEngine:
             b.masks = {}
         if j == 0:
             return b, fam.embed(cfg, w, b.ids, b.positions), None
-        if j == cfg.num_layers + 1:
-            b.logits = fam.head(cfg, w, h[:, -1])  # (b, vocab) fp32
+        if j == cfg.num_layers + 1:  # a chunk of a prompt that is not its last samples nothing
+            b.logits = fam.head(cfg, w, h[:, -1]) if b.samples else None  # (b, vocab) fp32
             return b, None, None
         return b, h, self._layer_begin(j - 1, w, b, h, col, q_len, loaded_kv)
 
@@ -452,7 +498,7 @@ class BlockEngine:
 
     def _cpu_attends(self, layer: int, b: _Batch, col: int) -> bool:
         """Whether batch ``b`` attends on the CPU at this layer and column (decode, host KV)."""
-        return self.kv_tier[layer] == "cpu" and self.policy.cpu_attention and col > b.start
+        return self.kv_tier[layer] == "cpu" and self.policy.cpu_attention and col >= b.ids_width
 
     def _layer_begin(self, layer: int, w, b: _Batch, h, col: int, q_len: int, loaded_kv):
         q, k, v = self.fam.pre_attention(self.cfg, w, h, b.positions, b.aux)  # q (b, H, s, hd); k, v (b, KV, s, hd)
@@ -481,12 +527,18 @@ class BlockEngine:
         elif on_cpu:
             q, k, v = qkv
             kq, vq = self._as_stored(k), self._as_stored(v)  # attend to what the cache will hold
-            if col == 0:
+            if loaded_kv is not None and isinstance(loaded_kv[0], cq.Packed):
+                # Decode from the 4-bit columns as they crossed the link, this step's column dense.
+                mask = None if b.no_pad else self._mask(b, b.pad, col, q_len, end)
+                attn = decode_attention.packed_decode_attention(
+                    q, *(decode_attention.packed_view(c, 0) for c in loaded_kv), mask, self.scale, kq, vq)
+            elif col == 0:
                 ks, vs = kq, vq
             elif loaded_kv is not None:  # the prefetched columns (b, KV, col, hd) plus this step's
                 ks = torch.cat([loaded_kv[0].permute(1, 2, 0, 3), kq], dim=2)
                 vs = torch.cat([loaded_kv[1].permute(1, 2, 0, 3), vq], dim=2)
-            else:  # the prompt step after a shared prefix, with CPU attention: fetch the prefix once
+            else:  # a prompt step after a shared prefix or a chunk, with CPU attention: fetch [0, col)
+                self._sync_stores(b)  # the previous chunk's K/V land on the host first (read there)
                 ks = torch.cat([self.caches.view(layer, kc, col).to(self.device), kq], dim=2)
                 vs = torch.cat([self.caches.view(layer, vc, col).to(self.device), vq], dim=2)
             attn = self._attend(q, ks, vs, b, col, q_len, end)
@@ -503,9 +555,15 @@ class BlockEngine:
             self.caches.write(layer, vc, v, col)
             if col == 0 and not isinstance(kc, cq.Packed):
                 ks, vs = k, v
+            elif self.packed_attention and q_len == 1:  # a 4-bit GPU cache, read where it is
+                mask = None if b.no_pad else self._mask(b, b.pad, col, q_len, end)
+                attn = decode_attention.packed_decode_attention(
+                    q, *(decode_attention.packed_view(cq.narrow(c, 2, 0, end), 2) for c in (kc, vc)), mask, self.scale)
+                ks = vs = None
             else:
                 ks, vs = self.caches.view(layer, kc, end), self.caches.view(layer, vc, end)
-            attn = self._attend(q, ks, vs, b, col, q_len, end)
+            if ks is not None:
+                attn = self._attend(q, ks, vs, b, col, q_len, end)
         if rot is not None:
             attn = rot.undo(attn)  # softmax(·) V R R^T = softmax(·) V
         if q_len > 1 and layer == cfg.num_layers - 1 and self.feeds_head:
@@ -541,6 +599,8 @@ class BlockEngine:
     def _sample(self, batches: list[_Batch], s: SamplingSettings, hook, last: bool) -> list[Result]:
         done: list[Result] = []
         for b in batches:
+            if not b.samples:
+                continue
             logits = b.logits
             if hook is not None:
                 logits = hook.mask([r.key for r in b.rows], logits)

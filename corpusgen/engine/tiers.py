@@ -42,12 +42,22 @@ class HostArena:
     tensor page-locked in place with ``cudaHostRegister`` (unregistered when the tensor is
     collected), so the pinned footprint is what the planner counted. Without CUDA it is plain
     host memory, counted the same way.
+
+    Registering is not free (page-locking a batch's 13 GB of OPT-30B KV took seconds), and with
+    refill a block frees a batch's KV buffers just before it allocates the next batch's, of the
+    same sizes. So freed registered buffers wait in a pool, by size, for the next request of that
+    size; pooled bytes count against the budget too (an allocation that would not fit first
+    unregisters pooled ones) and stay below ``pool_limit`` (a quarter of the budget, else 16 GiB).
     """
 
     def __init__(self, budget: int | None = None):
         self.budget = budget
         self.used = 0
         self.peak = 0
+        self.pooled = 0
+        self.pool_limit = budget // 4 if budget is not None else 16 << 30
+        self.reused = 0  # allocations served from the pool (for tests and benchmarks)
+        self._pool: dict[int, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -55,15 +65,26 @@ class HostArena:
         for n in shape:
             numel *= int(n)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        self._count(nbytes)
-        base = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        registered = can_pin() and nbytes > 0 and _register(base)
-        if can_pin() and not registered:  # the driver refused: PyTorch's (rounded) pinned blocks
-            base = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        base = self._count(nbytes)
+        registered = base is not None
+        if base is None:
+            base = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            registered = can_pin() and nbytes > 0 and _register(base)
+            if can_pin() and not registered:  # the driver refused: PyTorch's (rounded) pinned blocks
+                base = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
         t = base[:nbytes].view(dtype).view(tuple(int(n) for n in shape))
-        # ``base`` is owned by the finaliser, so its bytes outlive the registration.
-        weakref.finalize(t, _free, self, base, nbytes, registered)
+        # ``base`` is owned by the finaliser, so its bytes outlive the registration. ``uses``: its
+        # storage's users with ``t`` alone alive: more when collected means a view of it survives.
+        weakref.finalize(t, _free, self, base, nbytes, registered, _uses(base) if registered else 0)
         return t
+
+    def clear(self) -> None:
+        """Unregister and drop every pooled buffer."""
+        with self._lock:
+            pool, self._pool, self.pooled = self._pool, {}, 0
+        for bases in pool.values():
+            for base in bases:
+                _unregister(base)
 
     def hold(self, t: torch.Tensor) -> torch.Tensor:
         """Move ``t`` into the arena (pinned copy)."""
@@ -71,8 +92,26 @@ class HostArena:
         out.copy_(t)
         return out
 
-    def _count(self, nbytes: int) -> None:
+    def _count(self, nbytes: int) -> torch.Tensor | None:
+        """Count ``nbytes`` as used; a pooled registered buffer of that size, if one waits."""
+        evict = []
         with self._lock:
+            bases = self._pool.get(nbytes)
+            if bases:
+                base = bases.pop()
+                if not bases:
+                    del self._pool[nbytes]
+                self.pooled -= nbytes
+                self.used += nbytes
+                self.peak = max(self.peak, self.used)
+                self.reused += 1
+                return base
+            while self.budget is not None and self.used + self.pooled + nbytes > self.budget and self.pooled:
+                size = next(iter(self._pool))
+                evict.append(self._pool[size].pop())
+                self.pooled -= size
+                if not self._pool[size]:
+                    del self._pool[size]
             if self.budget is not None and self.used + nbytes > self.budget:
                 gib = 2**30
                 raise BudgetError(
@@ -81,10 +120,23 @@ class HostArena:
                 )
             self.used += nbytes
             self.peak = max(self.peak, self.used)
+        for base in evict:
+            _unregister(base)
+        return None
 
     def _uncount(self, nbytes: int) -> None:
         with self._lock:
             self.used -= nbytes
+
+    def _keep(self, base: torch.Tensor, nbytes: int, uses: int) -> bool:
+        """Pool a freed registered buffer (True), unless the pool is full or a view of it lives on."""
+        with self._lock:
+            self.used -= nbytes
+            if self.pooled + nbytes > self.pool_limit or not 0 < _uses(base) <= uses:
+                return False
+            self._pool.setdefault(nbytes, []).append(base)
+            self.pooled += nbytes
+            return True
 
 
 def _register(t: torch.Tensor) -> bool:
@@ -96,10 +148,23 @@ def _register(t: torch.Tensor) -> bool:
     return int(getattr(err, "value", err)) == 0
 
 
-def _free(arena: HostArena, base: torch.Tensor, nbytes: int, registered: bool) -> None:
-    if registered:
-        torch.cuda.cudart().cudaHostUnregister(base.data_ptr())
-    arena._uncount(nbytes)
+def _free(arena: HostArena, base: torch.Tensor, nbytes: int, registered: bool, uses: int) -> None:
+    if not registered:
+        arena._uncount(nbytes)
+    elif not arena._keep(base, nbytes, uses):
+        _unregister(base)
+
+
+def _uses(base: torch.Tensor) -> int:
+    """Users of ``base``'s storage (tensors on it); 0 when PyTorch cannot say (then no pooling)."""
+    try:
+        return int(torch._C._storage_Use_Count(base.untyped_storage()._cdata))
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def _unregister(base: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(base.data_ptr())
 
 
 @dataclass(frozen=True)

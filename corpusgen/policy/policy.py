@@ -71,6 +71,11 @@ class Policy:
     refill: bool = True
     """A finished row's slot takes a waiting row (new GPU batches join mid-block); off = FlexGen's
     fixed blocks, where every row waits for the block's longest."""
+    prefill_chunk: int | None = None
+    """Prompt columns a GPU batch's prefill feeds per token step (chunked prefill), or None: the
+    whole prompt in one step. With refill, one batch is in its prompt at a time, so batches are
+    staggered and every step carries one chunk of prompt compute next to the other batches' decode:
+    the GPU computes while the link moves offloaded weights and KV (docs/design.md)."""
     shared_prefix: bool = True
     """Compute the token prefix common to the prompts (system message, instructions) once and
     reuse its K/V for every row; off = every row computes its whole prompt."""
@@ -98,6 +103,8 @@ class Policy:
             "refill": self.refill,
             "shared_prefix": self.shared_prefix,
         }
+        if self.prefill_chunk is not None:
+            out["prefill_chunk"] = self.prefill_chunk
         for name in ("compress_weights", "compress_kv"):
             c = getattr(self, name)
             out[name] = None if c is None else {"bits": c.bits, "group_size": c.group_size}
@@ -160,6 +167,11 @@ def policy_from_dict(data: Mapping[str, Any]) -> Policy:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise PolicyError(f"policy.{key}: expected a positive integer, got {v!r}")
             kw[key] = v
+    if data.get("prefill_chunk") is not None:
+        v = data["prefill_chunk"]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise PolicyError(f"policy.prefill_chunk: expected a positive number of prompt columns or null, got {v!r}")
+        kw["prefill_chunk"] = v
     for key in ("weights", "kv_cache", "activations"):
         if key in data:
             kw[key] = _placement(key, data[key])
