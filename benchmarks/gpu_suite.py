@@ -154,6 +154,30 @@ _cfg("opt175b-16g-c4-plan", "opt-175b", dict(gpu_batch_size=16, num_gpu_batches=
                                              compress_kv={"bits": 4, "group_size": 64}), **_GPU16)
 
 
+def _step_log(path: str) -> None:
+    """Append every token step of the engine to ``path`` as it ends (``CG_STEPS=1``; a run cut
+    short still leaves its log): seconds of the step, seconds since the previous step ended (what
+    runs between steps: admission, sampling), batches in their prompt, decoding batches, rows."""
+    import time as _time
+
+    from corpusgen.engine import schedule
+
+    real = schedule.BlockEngine._pass
+    last = [None]
+
+    def timed(self, batches):
+        t0 = _time.perf_counter()
+        dt = real(self, batches)
+        gap = 0.0 if last[0] is None else t0 - last[0]
+        last[0] = _time.perf_counter()
+        with open(path, "a") as f:
+            f.write(json.dumps([round(dt, 4), round(gap, 4), sum(not b.decoding for b in batches),
+                                sum(b.decoding for b in batches), sum(len(b.rows) for b in batches)]) + "\n")
+        return dt
+
+    schedule.BlockEngine._pass = timed
+
+
 def bench(names: list[str]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -165,12 +189,15 @@ def bench(names: list[str]) -> None:
             f"spec=json.loads({json.dumps(json.dumps(spec))});"
             "prof=load_profile(os.environ['CG_PROFILE']) if os.path.exists(os.environ.get('CG_PROFILE','')) else None;"
             "pol=policy_from_dict(spec.pop('policy')); model=spec.pop('model');"
+            f"steps=_step_log(os.path.join(os.environ['OUT'], 'steps-{name}.jsonl')) if os.environ.get('CG_STEPS') else None;"
             f"rec=run_bench(model, dummy=True, policy=pol, profile=prof, label={name!r}, results_file=os.environ['CG_RESULTS'], **spec);"
             "print('RESULT', json.dumps(rec))"
         )
+        code = f"from gpu_suite import _step_log; {code}"
         env = dict(os.environ, CG_RESULTS=str(OUT / "bench.jsonl"), CG_PROFILE=str(OUT / "hardware.yaml") if (OUT / "hardware.yaml").exists()
                    else str(Path(__file__).resolve().parent.parent / "policies" / "hardware-nvidia-h200.yaml"),
                    PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(Path(__file__).resolve().parent)]))
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
         line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:

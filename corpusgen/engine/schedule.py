@@ -241,12 +241,14 @@ class BlockEngine:
             # layer's transfer) before it can start. With CPU attention every batch's is loaded
             # (activations only, small); otherwise the first batch's, the rest one batch ahead.
             two_phase = 0 < j <= self.cfg.num_layers and all(self._cpu_attends(j - 1, b, b.col) for b in batches)
-            # With a 4-bit cache attended in place, a layer's loads are small (the block's packed KV,
-            # OPT-30B 448 rows: 2 GB) and are all queued at once, prompt chunks computed first: their
-            # long compute then hides the decoding batches' loads, not just the next one's.
+            # With a 4-bit cache attended in place, decoding batches' loads are small (the block's
+            # packed KV, OPT-30B 448 rows: 2 GB a layer) and are all queued at once, prompt chunks
+            # computed first: their long compute then hides those loads, not just the next one's.
+            # Prompts' loads (activations: 0.5 GB a batch) stay one batch ahead.
             deep = self.packed_attention and not two_phase
             order = sorted(batches, key=lambda b: b.decoding) if deep else batches
-            loads = [self._load_cache(j, b, b.col) for b in (order if two_phase or deep else order[:1])]
+            ahead = range(len(order)) if two_phase else [k for k, b in enumerate(order) if k == 0 or deep and b.decoding]
+            loads = {k: self._load_cache(j, order[k], order[k].col) for k in ahead}
             # The next unit that streams (resident ones need no load), wrapping around to the next
             # step's: the link keeps working through GPU-resident layers and the head. A resident
             # unit holds neither of the two weight buffers, so the streamed unit after that one
@@ -256,6 +258,7 @@ class BlockEngine:
             if self.store.tier[j] == "gpu":
                 self.store.prefetch(self.store.next_streamed(nxt))
             if two_phase:
+                loads = [loads[k] for k in range(len(order))]
                 # CPU attention: every batch's q/k/v leave for the host first, then the host attends
                 # batch after batch. One batch at a time, batch k+1's q/k/v queued on the GPU behind
                 # batch k's attention output, whose copy waits behind the next layer's weights on
@@ -264,10 +267,9 @@ class BlockEngine:
                     self._compute_end(begun)
             else:
                 for k, b in enumerate(order):
-                    if len(loads) == k + 1 and k + 1 < len(order):  # one batch ahead
-                        loads.append(self._load_cache(j, order[k + 1], order[k + 1].col))
-                    self._compute(j, w, b, b.col, loads[k])
-                    loads[k] = None
+                    if k + 1 < len(order) and k + 1 not in loads:  # one batch ahead
+                        loads[k + 1] = self._load_cache(j, order[k + 1], order[k + 1].col)
+                    self._compute(j, w, b, b.col, loads.pop(k))
             w = None  # drop this layer's (dequantised) weights before the next get()
             self.store.release(j)
 
@@ -532,6 +534,7 @@ class BlockEngine:
                 mask = None if b.no_pad else self._mask(b, b.pad, col, q_len, end)
                 attn = decode_attention.packed_decode_attention(
                     q, *(decode_attention.packed_view(c, 0) for c in loaded_kv), mask, self.scale, kq, vq)
+                ks = vs = None
             elif col == 0:
                 ks, vs = kq, vq
             elif loaded_kv is not None:  # the prefetched columns (b, KV, col, hd) plus this step's
@@ -541,7 +544,8 @@ class BlockEngine:
                 self._sync_stores(b)  # the previous chunk's K/V land on the host first (read there)
                 ks = torch.cat([self.caches.view(layer, kc, col).to(self.device), kq], dim=2)
                 vs = torch.cat([self.caches.view(layer, vc, col).to(self.device), vq], dim=2)
-            attn = self._attend(q, ks, vs, b, col, q_len, end)
+            if ks is not None:
+                attn = self._attend(q, ks, vs, b, col, q_len, end)
             ev = s.event(s.compute)
             s.wait(s.store, ev)
             handoff([k, v], s.store, s.compute)
