@@ -1,6 +1,6 @@
 """Decode attention on CUDA: our split-KV Triton kernel against PyTorch's SDPA, per call.
 
-    python benchmarks/decode_attention.py [--iters 200]
+    python benchmarks/decode_attention.py [--iters 200] [--packed]
 
 Shapes are the engine's: one query per row against a narrowed (strided) fp16 cache, with and
 without the padding mask, for OPT-6.7B (128 rows x 32 heads x 128), OPT-30B (56 heads) and a small
@@ -9,6 +9,11 @@ on SDPA (the grouped variant measured on 2026-11-22 is in benchmarks/results/…
 call (CUDA events over ``--iters`` back-to-back calls), the KV bytes it reads and the bandwidth
 that implies, the host time per call (how long Python takes to launch it), and the largest
 difference from a float64 reference.
+
+``--packed`` instead times the 4-bit kernels at OPT-30B's offloaded decode shape (64 rows x 56
+heads x 544 columns, seq-major as loaded from the host): ``packed_decode_attention`` over its
+tile/warp grid, dequantise-then-attend for comparison, and ``compression.dequantize_triton`` on
+the model's weight matrices and that KV cache.
 """
 
 from __future__ import annotations
@@ -48,12 +53,56 @@ def timed(fn, iters: int) -> tuple[float, float]:
     return start.elapsed_time(end) / iters, host
 
 
+def packed(iters: int, out: Path) -> None:
+    """The 4-bit kernels at OPT-30B's offloaded decode shape (see the module's docstring)."""
+    from corpusgen.engine import compression as cq
+
+    print("packed self-check: max abs error vs float64", max(da.packed_selfcheck().values()))
+    dev, dt = "cuda", torch.float16
+    b, h, n, d, gs = 64, 56, 544, 128, 64
+    kp, vp = (cq.quantize(torch.randn(n + 64, b, h, d, device=dev, dtype=dt), 4, gs) for _ in range(2))
+    k, v = (da.packed_view(cq.narrow(p, 0, 0, n), 0) for p in (kp, vp))
+    q = torch.randn(b, h, 1, d, device=dev, dtype=dt)
+    tail = [torch.randn(b, h, 1, d, device=dev, dtype=dt) for _ in range(2)]
+    mask = torch.ones(b, n + 1, dtype=torch.bool, device=dev)
+    mask[:, 1:40] = False
+    nbytes = sum(t.numel() * t.element_size() for kv in (k, v) for t in kv)
+    rec = dict(shape=f"opt-30b {b} rows x {h} heads x {n} cols, 4-bit g{gs}", kv_bytes=nbytes,
+               device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    for bt in (16, 32, 64, 128):
+        for nw in (2, 4, 8):
+            ms, _ = timed(lambda: da.packed_decode_attention(q, k, v, mask, d ** -0.5, *tail, block_t=bt, num_warps=nw), iters)
+            rec[f"packed_bt{bt}_w{nw}_ms"] = round(ms, 4)
+            print(f"packed attention, {bt}-column tiles on {nw} warps: {ms:.3f} ms ({nbytes / ms / 1e6:.0f} GB/s)")
+    dk, dv = (torch.empty(n, b, h, d, device=dev, dtype=dt) for _ in range(2))
+
+    def dequant_then_attend():
+        cq.dequantize(cq.narrow(kp, 0, 0, n), dk)
+        cq.dequantize(cq.narrow(vp, 0, 0, n), dv)
+        return da.decode_attention(q, dk.permute(1, 2, 0, 3), dv.permute(1, 2, 0, 3), None, d ** -0.5)
+
+    rec["dequant_then_attend_ms"] = round(timed(dequant_then_attend, iters)[0], 4)
+    print(f"dequantise K and V, then attend: {rec['dequant_then_attend_ms']:.3f} ms")
+    for name, shape in (("fc1", (4 * 7168, 7168)), ("fc2", (7168, 4 * 7168)), ("q", (7168, 7168)), ("kv", (n, b, h, d))):
+        p = cq.quantize(torch.randn(shape, device=dev, dtype=dt), 4, gs)
+        dst = torch.empty(shape, device=dev, dtype=dt)
+        ms, _ = timed(lambda: cq.dequantize_triton(p, dst), iters)
+        moved = dst.numel() * 2.5 + p.mins.numel() * 4  # fp16 out, 4-bit in, fp16 mins and scales
+        rec[f"dequant_{name}_ms"] = round(ms, 4)
+        print(f"dequantise {name} {tuple(shape)}: {ms:.3f} ms ({moved / ms / 1e6:.0f} GB/s)")
+    with open(out / "decode_attention_packed.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--packed", action="store_true", help="the 4-bit kernels instead (see above)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.packed:
+        return packed(args.iters, out)
     print("self-check (max abs error vs float64):", json.dumps(da.selfcheck()))
     dev, dt = "cuda", torch.float16
     rows = []

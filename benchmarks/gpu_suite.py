@@ -134,7 +134,7 @@ _cfg("opt30b-16g-c4", "opt-30b", dict(gpu_batch_size=16, num_gpu_batches=8, weig
                                       compress_weights={"bits": 4, "group_size": 64},
                                       compress_kv={"bits": 4, "group_size": 64}), **_GPU16)
 
-_cfg("opt30b-16g-c4-plan", "opt-30b", dict(gpu_batch_size=64, num_gpu_batches=7, weights={"gpu": 19 / 48, "cpu": 29 / 48},
+_cfg("opt30b-16g-c4-plan", "opt-30b", dict(gpu_batch_size=64, num_gpu_batches=7, weights={"gpu": 18 / 48, "cpu": 30 / 48},
                                            kv_cache={"gpu": 0, "cpu": 1}, activations={"gpu": 0, "cpu": 1},
                                            compress_weights={"bits": 4, "group_size": 64},
                                            compress_kv={"bits": 4, "group_size": 64}), **_GPU16)
@@ -143,6 +143,22 @@ _cfg("opt30b-16g-c4-plan", "opt-30b", dict(gpu_batch_size=64, num_gpu_batches=7,
 _C4_CHUNKED = dict(CONFIGS["opt30b-16g-c4-plan"]["policy"], prefill_chunk=104)
 _cfg("opt30b-16g-c4-chunked", "opt-30b", _C4_CHUNKED, num_seqs=1792, **_GPU16)
 _cfg("opt30b-16g-c4-chunked-448", "opt-30b", _C4_CHUNKED, num_seqs=448, **_GPU16)
+# Longer chunks: fewer steps per prompt, so more steps decode all seven batches; a chunk's compute
+# stays under the link's time up to ~170 columns (H200, 2026-11-22).
+for _c in (128, 171):
+    _cfg(f"opt30b-16g-c4-chunked{_c}", "opt-30b", dict(_C4_CHUNKED, prefill_chunk=_c), num_seqs=1792, **_GPU16)
+    _cfg(f"opt30b-16g-c4-chunked{_c}-448", "opt-30b", dict(_C4_CHUNKED, prefill_chunk=_c), num_seqs=448, **_GPU16)
+# ... with two fewer layers' weights on the GPU: the chunk's larger transients need the room (at
+# 18/48 the allocator's free-and-retry path ran 440 times in a 1792-row run).
+_cfg("opt30b-16g-c4-chunked128-w16", "opt-30b", dict(_C4_CHUNKED, prefill_chunk=128, weights={"gpu": 16 / 48, "cpu": 32 / 48}),
+     num_seqs=1792, **_GPU16)
+# The same with activations on the GPU (a chunk's are small: 64 x 104 columns) and the memory
+# that frees holding more layers' weights.
+for _w in (19, 26, 28):
+    _pol = dict(_C4_CHUNKED, weights={"gpu": _w / 48, "cpu": 1 - _w / 48}, activations={"gpu": 1, "cpu": 0})
+    _cfg(f"opt30b-16g-c4-chunked-g{_w}", "opt-30b", _pol, num_seqs=1792, **_GPU16)
+    _cfg(f"opt30b-16g-c4-chunked-g{_w}-448", "opt-30b", _pol, num_seqs=448, **_GPU16)
+    _cfg(f"opt30b-16g-c4-chunked-g{_w}-896", "opt-30b", _pol, num_seqs=896, **_GPU16)
 _cfg("opt30b-16g-cpuattn", "opt-30b", dict(gpu_batch_size=32, num_gpu_batches=2, weights={"gpu": 8 / 48, "cpu": 40 / 48},
                                            kv_cache={"gpu": 0, "cpu": 1}, cpu_attention=True), **_GPU16)
 _cfg("opt30b-16g-cpuattn-80", "opt-30b", dict(gpu_batch_size=40, num_gpu_batches=2, weights={"gpu": 7 / 48, "cpu": 41 / 48},
@@ -164,10 +180,17 @@ def _step_log(path: str) -> None:
 
     real = schedule.BlockEngine._pass
     last = [None]
+    traced = {int(x) for x in os.environ.get("CG_TRACE_PASSES", "").split(",") if x}
+    count = [0]
 
     def timed(self, batches):
+        n = count[0]
+        count[0] += 1
         t0 = _time.perf_counter()
-        dt = real(self, batches)
+        if n in traced:
+            dt = _traced_pass(real, self, batches, path.replace("steps-", f"trace{n}-").replace(".jsonl", ".json"))
+        else:
+            dt = real(self, batches)
         gap = 0.0 if last[0] is None else t0 - last[0]
         last[0] = _time.perf_counter()
         with open(path, "a") as f:
@@ -176,6 +199,64 @@ def _step_log(path: str) -> None:
         return dt
 
     schedule.BlockEngine._pass = timed
+
+
+def _traced_pass(real, engine, batches, path: str) -> float:
+    """Run one pass under the profiler; write where its time went to ``path``: busy seconds
+    (union of intervals) of kernels, host->device and device->host copies, their overlaps, and the
+    host's seconds in synchronisations and allocations (CG_TRACE_PASSES=3,40 names the passes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        dt = real(engine, batches)
+    spans: dict[str, list] = {"kernel": [], "h2d": [], "d2h": []}
+    host: dict[str, list] = {}
+    for e in prof.events():
+        a, b = e.time_range.start, e.time_range.end
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kind = "h2d" if "HtoD" in e.name else "d2h" if "DtoH" in e.name else "kernel"
+            spans[kind].append((a, b))
+        elif e.name.startswith("cuda") and any(w in e.name for w in ("Synchronize", "Malloc", "Free", "HostAlloc", "HostRegister")):
+            v = host.setdefault(e.name, [0, 0.0])
+            v[0] += 1
+            v[1] += (b - a) / 1e6
+
+    def union(xs):
+        xs, out = sorted(xs), []
+        for a, b in xs:
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        return out
+
+    def total(xs):
+        return sum(b - a for a, b in xs) / 1e6
+
+    def both(x, y):
+        i = j = 0
+        t = 0.0
+        while i < len(x) and j < len(y):
+            a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+            t += max(0, b - a)
+            if x[i][1] < y[j][1]:
+                i += 1
+            else:
+                j += 1
+        return t / 1e6
+
+    u = {k: union(v) for k, v in spans.items()}
+    rec = {"pass_s": dt, "rows": sum(len(b.rows) for b in batches), "prompting": sum(not b.decoding for b in batches),
+           "busy_s": {k: round(total(v), 4) for k, v in u.items()},
+           "kernel_and_h2d_s": round(both(u["kernel"], u["h2d"]), 4),
+           "any_gpu_s": round(total(union(spans["kernel"] + spans["h2d"] + spans["d2h"])), 4),
+           "host_calls": {k: [n, round(t, 4)] for k, (n, t) in sorted(host.items())},
+           "top_kernels": [(e.key[:60], round(e.self_device_time_total / 1e6, 4), e.count) for e in sorted(
+               (e for e in prof.key_averages() if e.self_device_time_total > 0),
+               key=lambda e: -e.self_device_time_total)[:15]]}
+    Path(path).write_text(json.dumps(rec, indent=1))
+    return dt
 
 
 def bench(names: list[str]) -> None:

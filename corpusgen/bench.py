@@ -208,6 +208,9 @@ def _measure(engine, share, ranks, n: int, prompt_len: int, gen_len: int, seed: 
             "decode_step_link_s": None if math.isnan(link["link_seconds"]) else round(link["link_seconds"], 5),
             "decode_step_link_bytes": link["bytes"],
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated(engine.device) / GIB, 3) if gpu else None,
+            "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved(engine.device) / GIB, 3) if gpu else None,
+            # the allocator's out-of-memory retries: each frees cached blocks after a device sync
+            "alloc_retries": torch.cuda.memory_stats(engine.device).get("num_alloc_retries", 0) if gpu else None,
             "peak_pinned_gib": round(engine.arena.peak / GIB, 3),
             "disk_gib": round((engine.disk.bytes_written if engine.disk else 0) / GIB, 3),
             "decode_graphs": _graph_counts(engine),

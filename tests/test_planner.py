@@ -79,6 +79,23 @@ def test_memory_terms_add_up_and_follow_the_placement():
     assert "gpu.weight_staging" not in resident.terms and resident.cpu == 0 and resident.disk == 0
 
 
+def test_memory_terms_follow_the_prefill_chunk_and_packed_kv_loads():
+    """A chunked prompt step holds c columns' transients, not p; a 4-bit host cache attended in
+    place queues every GPU batch's KV of a layer at once (num_gpu_batches + 1 staged, not 2)."""
+    pol = _offload()
+    whole = memory_per_tier(OPT30, pol, 512, 32).terms
+    chunked = memory_per_tier(OPT30, pol.replace(prefill_chunk=128), 512, 32).terms
+    for term in ("gpu.attention_scores", "gpu.mlp_workspace", "gpu.activation_staging", "cpu.activations"):
+        assert chunked[term] == pytest.approx(whole[term] * 128 / 512), term
+    assert memory_per_tier(OPT30, pol.replace(prefill_chunk=4096), 512, 32).terms == whole  # longer than p: whole
+    c4 = Compression(bits=4, group_size=64)
+    packed = memory_per_tier(OPT30, pol.replace(compress_kv=c4), 512, 32).terms
+    assert packed["gpu.kv_staging"] == (pol.num_gpu_batches + 1) * kv_layer_bytes(OPT30, 32, 544, 2, c4)
+    c8 = Compression(bits=8, group_size=64)
+    eight = memory_per_tier(OPT30, pol.replace(compress_kv=c8), 512, 32).terms
+    assert eight["gpu.kv_staging"] == 2 * kv_layer_bytes(OPT30, 32, 544, 2, c8)
+
+
 def test_compressed_sizes():
     """4-bit group-64 storage is ~0.28 of fp16 (codes + fp16 min/scale per group) for both
     weights and KV; the planner's whole advantage from compression rests on these numbers."""

@@ -381,22 +381,24 @@ def _use_triton(p: Packed, out: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit
-    def _dequant4_kernel(data_ptr, mins_ptr, scales_ptr, out_ptr, n_padded, padded_len, length, n_groups,
-                         GROUP_SIZE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        # One program per BLOCK elements of the padded (rows, padded_len) view, a whole number of
-        # groups when BLOCK is a multiple of GROUP_SIZE. Element e sits in byte e // 2 (rows are an
-        # even number of elements long), low nibble if e is even.
-        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        row, col = e // padded_len, e % padded_len
-        byte = tl.load(data_ptr + e // 2, mask=e < n_padded, other=0).to(tl.int32)
-        code = (byte >> ((col % 2) * 4)) & 15
-        g = row * n_groups + col // GROUP_SIZE
-        keep = (e < n_padded) & (col < length)
+    @triton.jit(do_not_specialize=("rows",))
+    def _dequant4_kernel(data_ptr, mins_ptr, scales_ptr, out_ptr, rows, half_len, length, n_groups,
+                         GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        # One program per (BLOCK_R rows, BLOCK_C columns) tile of the (rows, length) output. Column
+        # c sits in byte c // 2 of its row (rows are half_len bytes), low nibble if c is even. Row
+        # and column come from the program's coordinates: no per-element division by a runtime
+        # length (64-bit division is a long software sequence on the GPU; the flat-index version
+        # of this kernel spent most of its time there).
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        keep = (r[:, None] < rows) & (c[None, :] < length)
+        byte = tl.load(data_ptr + r[:, None] * half_len + (c // 2)[None, :], mask=keep, other=0).to(tl.int32)
+        code = (byte >> ((c % 2) * 4)[None, :]) & 15
+        g = r[:, None] * n_groups + (c // GROUP_SIZE)[None, :]
         s = tl.load(scales_ptr + g, mask=keep, other=0.0).to(tl.float32)
         m = tl.load(mins_ptr + g, mask=keep, other=0.0).to(tl.float32)
         y = code.to(tl.float32) * s + m
-        tl.store(out_ptr + row * length + col, y.to(out_ptr.dtype.element_ty), mask=keep)
+        tl.store(out_ptr + r[:, None] * length + c[None, :], y.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 def dequantize_triton(p: Packed, out: torch.Tensor) -> torch.Tensor:
@@ -406,13 +408,15 @@ def dequantize_triton(p: Packed, out: torch.Tensor) -> torch.Tensor:
     assert tuple(out.shape) == p.shape, (out.shape, p.shape)
     data, mins, scales = (b.contiguous() for b in p.buffers)  # a narrowed cache is strided
     dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-    padded_len, n_groups, length = data.shape[-1] * 2, mins.shape[-1], p.shape[-1]
-    n_padded = data.numel() * 2
-    block = 1024
-    if n_padded:
-        grid = (triton.cdiv(n_padded, block),)
-        _dequant4_kernel[grid](data, mins, scales, dst, n_padded, padded_len, length, n_groups,
-                               GROUP_SIZE=p.group_size, BLOCK=block)  # fmt: skip
+    half_len, n_groups, length = data.shape[-1], mins.shape[-1], p.shape[-1]
+    rows = data.numel() // max(1, half_len)
+    # Tiles of 4096 elements: whole rows of a KV cache (head_dim) or 1024-column runs of a weight.
+    block_c = min(1024, triton.next_power_of_2(length))
+    block_r = 4096 // block_c
+    if rows and length:
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(length, block_c))
+        _dequant4_kernel[grid](data, mins, scales, dst, rows, half_len, length, n_groups,
+                               GROUP_SIZE=p.group_size, BLOCK_R=block_r, BLOCK_C=block_c)  # fmt: skip
     return out if dst is out else out.copy_(dst)
 
 

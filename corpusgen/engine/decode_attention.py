@@ -134,24 +134,27 @@ if triton is not None:
                            o_ptr, m_ptr, l_ptr,
                            sq_b, sq_h, sd_b, sd_h, sd_t, sg_b, sg_h, sg_t, st_b, st_h, sm_b,
                            n_packed, heads, split_len, n_splits, scale,
-                           D2: tl.constexpr, GS2: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr,
+                           G: tl.constexpr, GS2: tl.constexpr, BLOCK_T: tl.constexpr, HAS_MASK: tl.constexpr,
                            DIRECT: tl.constexpr, HAS_TAIL: tl.constexpr):  # fmt: skip
-        # _mha_kernel over a 4-bit cache: byte i of a column holds elements 2i (low nibble) and
-        # 2i + 1, both in group i // GS2, so q and the output are handled as even and odd halves.
-        # Each code is dequantised to the model dtype and back, as compression.dequantize stores it.
+        # _mha_kernel over a 4-bit cache. A column's D / 2 bytes are handled as a (G groups, GS2
+        # bytes) tile: byte i holds elements 2i (low nibble) and 2i + 1, both in group i // GS2, so
+        # q and the output are even and odd halves of that shape, and a tile of BLOCK_T columns is
+        # (BLOCK_T, G, GS2) codes against (BLOCK_T, G, 1) mins and scales, which broadcast: one
+        # load per group, not per element. Each code is dequantised to the model dtype and back,
+        # as compression.dequantize stores it.
         bh = tl.program_id(0)
         sp = tl.program_id(1)
         b = bh // heads
         h = bh % heads
-        i = tl.arange(0, D2)
-        g = i // GS2
+        gi = tl.arange(0, G)
+        i = gi[:, None] * GS2 + tl.arange(0, GS2)[None, :]  # (G, GS2): byte index in the column
         q_row = q_ptr + b * sq_b + h * sq_h
         qe = tl.load(q_row + 2 * i).to(tl.float32) * scale
         qo = tl.load(q_row + 2 * i + 1).to(tl.float32) * scale
         m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
-        acc_e = tl.zeros([D2], tl.float32)
-        acc_o = tl.zeros([D2], tl.float32)
+        acc_e = tl.zeros([G, GS2], tl.float32)
+        acc_o = tl.zeros([G, GS2], tl.float32)
         start = sp * split_len
         stop = start + split_len
         d_off = b.to(tl.int64) * sd_b + h * sd_h  # K and V buffers share strides
@@ -162,33 +165,36 @@ if triton is not None:
             if HAS_MASK:
                 live = live & (tl.load(mask_ptr + b * sm_b + t, mask=live, other=0) != 0)
             t64 = t.to(tl.int64)
-            dp = d_off + t64[:, None] * sd_t + i[None, :]
-            gp = g_off + t64[:, None] * sg_t + g[None, :]
-            kb = tl.load(kd_ptr + dp, mask=live[:, None], other=0).to(tl.int32)
-            ksc = tl.load(ks_ptr + gp, mask=live[:, None], other=0.0).to(tl.float32)
-            kmn = tl.load(km_ptr + gp, mask=live[:, None], other=0.0).to(tl.float32)
+            live3 = live[:, None, None]
+            dp = d_off + t64[:, None, None] * sd_t + i[None, :, :]  # (BLOCK_T, G, GS2)
+            gp = g_off + t64[:, None, None] * sg_t + gi[None, :, None]  # (BLOCK_T, G, 1)
+            kb = tl.load(kd_ptr + dp, mask=live3, other=0).to(tl.int32)
+            ksc = tl.load(ks_ptr + gp, mask=live3, other=0.0).to(tl.float32)
+            kmn = tl.load(km_ptr + gp, mask=live3, other=0.0).to(tl.float32)
             ke = ((kb & 15).to(tl.float32) * ksc + kmn).to(q_ptr.dtype.element_ty).to(tl.float32)
             ko = ((kb >> 4).to(tl.float32) * ksc + kmn).to(q_ptr.dtype.element_ty).to(tl.float32)
-            s = tl.sum(qe[None, :] * ke + qo[None, :] * ko, axis=1)
+            s = tl.sum(tl.sum(qe[None, :, :] * ke + qo[None, :, :] * ko, axis=2), axis=1)
             s = tl.where(live, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(s - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            vb = tl.load(vd_ptr + dp, mask=live[:, None], other=0).to(tl.int32)
-            vsc = tl.load(vs_ptr + gp, mask=live[:, None], other=0.0).to(tl.float32)
-            vmn = tl.load(vm_ptr + gp, mask=live[:, None], other=0.0).to(tl.float32)
+            vb = tl.load(vd_ptr + dp, mask=live3, other=0).to(tl.int32)
+            vsc = tl.load(vs_ptr + gp, mask=live3, other=0.0).to(tl.float32)
+            vmn = tl.load(vm_ptr + gp, mask=live3, other=0.0).to(tl.float32)
             ve = ((vb & 15).to(tl.float32) * vsc + vmn).to(q_ptr.dtype.element_ty).to(tl.float32)
             vo = ((vb >> 4).to(tl.float32) * vsc + vmn).to(q_ptr.dtype.element_ty).to(tl.float32)
-            acc_e = acc_e * alpha + tl.sum(p[:, None] * ve, axis=0)
-            acc_o = acc_o * alpha + tl.sum(p[:, None] * vo, axis=0)
+            p3 = p[:, None, None]
+            acc_e = acc_e * alpha + tl.sum(p3 * ve, axis=0)
+            acc_o = acc_o * alpha + tl.sum(p3 * vo, axis=0)
             m_i = m_new
         if HAS_TAIL:
             # This step's own K/V column (dense, always visible), attended by the last split only.
             tk = tk_ptr + b.to(tl.int64) * st_b + h * st_h
             tv = tv_ptr + b.to(tl.int64) * st_b + h * st_h
-            s_t = tl.sum(qe * tl.load(tk + 2 * i).to(tl.float32) + qo * tl.load(tk + 2 * i + 1).to(tl.float32), axis=0)
+            s_t = tl.sum(tl.sum(qe * tl.load(tk + 2 * i).to(tl.float32) + qo * tl.load(tk + 2 * i + 1).to(tl.float32),
+                                axis=1), axis=0)
             s_t = tl.where(sp == n_splits - 1, s_t, float("-inf"))
             m_new = tl.maximum(m_i, s_t)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -200,10 +206,10 @@ if triton is not None:
             m_i = m_new
         row = bh.to(tl.int64)
         if DIRECT:
-            tl.store(o_ptr + row * (2 * D2) + 2 * i, (acc_e / l_i).to(o_ptr.dtype.element_ty))
-            tl.store(o_ptr + row * (2 * D2) + 2 * i + 1, (acc_o / l_i).to(o_ptr.dtype.element_ty))
+            tl.store(o_ptr + row * (2 * G * GS2) + 2 * i, (acc_e / l_i).to(o_ptr.dtype.element_ty))
+            tl.store(o_ptr + row * (2 * G * GS2) + 2 * i + 1, (acc_o / l_i).to(o_ptr.dtype.element_ty))
         else:
-            base = (row * n_splits + sp) * (2 * D2)
+            base = (row * n_splits + sp) * (2 * G * GS2)
             tl.store(o_ptr + base + 2 * i, acc_e)
             tl.store(o_ptr + base + 2 * i + 1, acc_o)
             tl.store(m_ptr + row * n_splits + sp, m_i)
@@ -300,7 +306,7 @@ def packed_usable(cfg, device: torch.device, dtype: torch.dtype, compress) -> bo
 
 def packed_decode_attention(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float,
                             tail_k: torch.Tensor | None = None, tail_v: torch.Tensor | None = None,
-                            block_t: int = 64, num_warps: int = 4) -> torch.Tensor:
+                            block_t: int = 16, num_warps: int = 2) -> torch.Tensor:
     """``decode_attention`` over a 4-bit cache, dequantised tile by tile in registers: the cache
     is read once, at a quarter of fp16's bytes, and no dequantised copy of it is ever written.
 
@@ -353,7 +359,7 @@ def packed_decode_attention(q: torch.Tensor, k, v, mask: torch.Tensor | None, sc
         q, kd, km, ks, vd, vm, vs, tk, tv, mask_arg, acc, m, l_s,
         q.stride(0), q.stride(1), kd.stride(0), kd.stride(1), kd.stride(2), km.stride(0), km.stride(1), km.stride(2),
         st_b, st_h, sm_b, n, heads, split_len, n_splits, scale,
-        D2=d // 2, GS2=group // 2, BLOCK_T=block_t, HAS_MASK=has_mask, DIRECT=direct, HAS_TAIL=has_tail,
+        G=d // group, GS2=group // 2, BLOCK_T=block_t, HAS_MASK=has_mask, DIRECT=direct, HAS_TAIL=has_tail,
         num_warps=num_warps)  # fmt: skip
     if not direct:
         _combine_kernel[(b * heads,)](acc, m, l_s, out, n_splits, D=d, S_P=MAX_SPLITS)

@@ -51,6 +51,7 @@ clones, and the disk tier still prefetches on its I/O pool, so CI exercises the 
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ from corpusgen.engine.sampling import find_stop, row_generator, sample, stop_in_
 from corpusgen.engine.streams import HostCopy, Streams, handoff, on, onto_device, to_host
 from corpusgen.policy.policy import Policy
 
+
+RUN_AHEAD = int(os.environ.get("CORPUSGEN_RUN_AHEAD", "2"))
+"""How many units the host may queue ahead of the GPU's compute within a token step (CUDA; 0 =
+unbounded). Two keep the load stream one unit ahead of compute; see ``_units``."""
 
 KV_GROW = 64
 """KV columns a batch's cache is allocated (beyond its prompt) and then widened by, as its rows
@@ -234,7 +239,13 @@ class BlockEngine:
         """Every unit once, every GPU batch of ``batches`` under it (the block schedule's loop)."""
         n_units = self.cfg.num_layers + 2
         self.store.prefetch(0)
+        done: dict[int, torch.cuda.Event] = {}  # unit -> its compute, all batches, has run
         for j in range(n_units):
+            if RUN_AHEAD and j - RUN_AHEAD in done:
+                # The host queues at most RUN_AHEAD units ahead of the GPU: every queued unit holds
+                # its batches' loaded KV, so an unbounded lead filled the GPU budget and the
+                # allocator's out-of-memory path synchronised the device, draining every stream.
+                done.pop(j - RUN_AHEAD).synchronize()
             w = self.store.get(j)
             # What this layer's batches need from the host goes on the load stream *before* the
             # next layer's weights, or the first batch's compute waits for those weights (a whole
@@ -272,6 +283,8 @@ class BlockEngine:
                     self._compute(j, w, b, b.col, loads.pop(k))
             w = None  # drop this layer's (dequantised) weights before the next get()
             self.store.release(j)
+            if RUN_AHEAD and self.device.type == "cuda":
+                done[j] = self.streams.event(torch.cuda.current_stream(self.device))
 
     def _set_prefix(self, prefix: Sequence[int] | None) -> int:
         """Make ``prefix``'s K/V available (computing it only when it changed); its length, or 0."""

@@ -17,7 +17,8 @@ are spread the same way over the layers left; disk takes the remainder. The embe
 Memory the engine allocates (bytes; ``L`` = one layer's weights as stored, i.e. compressed when
 ``compress_weights`` is set, ``L₁₆`` uncompressed; ``kv(b)`` = one layer's K and V for ``b`` rows of
 ``prompt_len + gen_len`` positions, shape ``(b, kv_heads, max_len, head_dim)`` each, compressed when
-``compress_kv`` is set; ``B`` = block, ``b`` = gpu_batch_size, ``p`` = prompt_len)::
+``compress_kv`` is set; ``B`` = block, ``b`` = gpu_batch_size, ``p`` = prompt_len, ``c`` = the prompt
+columns one step computes: ``min(p, prefill_chunk)``, or ``p`` unchunked)::
 
     gpu.embed_head          embed + head weights (tied LM head counted once)
     gpu.layer_weights       GPU-resident layers × L
@@ -25,21 +26,23 @@ Memory the engine allocates (bytes; ``L`` = one layer's weights as stored, i.e. 
     gpu.weight_dequant      L₁₆                       if compress_weights (resident layers are
                                                       stored compressed too and dequantised here)
     gpu.kv_cache            GPU-KV layers × kv(B)
-    gpu.kv_staging          2 × kv(b)                 if any KV layer is on the CPU and not cpu_attention
+    gpu.kv_staging          2 × kv(b)                 if any KV layer is on the CPU and not cpu_attention;
+                            (num_gpu_batches + 1) × kv(b) when the cache is 4-bit (attended packed:
+                            a layer's loads are queued for every batch at once)
     gpu.kv_dequant          kv(b) uncompressed        if compress_kv and some KV is attended on the GPU
-    gpu.activations         B × p × hidden × dtype    if activations on the GPU
-    gpu.activation_staging  2 × b × p × hidden × dtype if activations on the CPU
-    gpu.attention_scores    b × p × p × dtype_bytes   (the padding mask as a bias; fused SDPA keeps no scores)
-    gpu.mlp_workspace       OPT: b × p × ffn × dtype × 2 (fc1 output, ReLU in place);
-                            Llama: min(b × p, MLP_CHUNK_TOKENS) × ffn × dtype × 4 (gate, up,
+    gpu.activations         B × c × hidden × dtype    if activations on the GPU
+    gpu.activation_staging  2 × b × c × hidden × dtype if activations on the CPU
+    gpu.attention_scores    b × c × p × dtype_bytes   (the padding mask as a bias; fused SDPA keeps no scores)
+    gpu.mlp_workspace       OPT: b × c × ffn × dtype × 2 (fc1 output, ReLU in place);
+                            Llama: min(b × c, MLP_CHUNK_TOKENS) × ffn × dtype × 4 (gate, up,
                             silu, product; the MLP runs in token chunks) + rotary
-                            temporaries b × p × (heads + kv_heads) × hd × dtype × 3
-                            + attention output b × p × hidden × dtype × 3
+                            temporaries b × c × (heads + kv_heads) × hd × dtype × 3
+                            + attention output b × c × hidden × dtype × 3
     gpu.logits              b × vocab × 4
     cpu.layer_weights       CPU-resident layers × L   (pinned)
     cpu.kv_cache            CPU-KV layers × kv(B)
     cpu.weight_staging      2 × L                     if any layer is on disk (pinned bounce buffers)
-    cpu.activations         B × p × hidden × dtype    if activations on the CPU
+    cpu.activations         B × c × hidden × dtype    if activations on the CPU
     cpu.attention_workspace b × heads × (p+g) × 4 (+ kv(b) uncompressed if compress_kv)
                                                       if cpu_attention and any KV layer on the CPU
     disk.layer_weights      disk layers × L
@@ -248,24 +251,28 @@ def memory_terms(config: ModelConfig, policy: Policy, prompt_len: int, gen_len: 
     them as linear coefficients) and the structural switches (which buffers exist)."""
     b, B, p, s = policy.gpu_batch_size, policy.block_size, prompt_len, prompt_len + gen_len
     cw, ck = policy.compress_weights, policy.compress_kv
+    c = min(p, policy.prefill_chunk) if policy.prefill_chunk else p  # prompt columns a step computes
     L = layer_weight_bytes(config, dtype_bytes, cw)
     kv_block = kv_layer_bytes(config, B, s, dtype_bytes, ck)
     kv_batch = kv_layer_bytes(config, b, s, dtype_bytes, ck)
     kv_batch16 = kv_layer_bytes(config, b, s, dtype_bytes, None)
-    hidden = B * p * config.hidden_size * dtype_bytes
+    hidden = B * c * config.hidden_size * dtype_bytes
+    # A 4-bit cache is attended packed (decode_attention.py), so a layer's loads are queued for
+    # every GPU batch at once, one layer ahead: num_gpu_batches + 1 batches' KV, not 2.
+    staged = policy.num_gpu_batches + 1 if ck is not None and ck.bits == 4 else 2
     t = {
         "gpu.embed_head": embed_head_bytes(config, dtype_bytes),
         "gpu.layer_weights": w_gpu * L,
         "gpu.weight_staging": 2 * L if weight_staging else 0,
         "gpu.weight_dequant": layer_weight_bytes(config, dtype_bytes, None) if cw else 0,
         "gpu.kv_cache": kv_gpu * kv_block,
-        "gpu.kv_staging": 2 * kv_batch if kv_staging else 0,
+        "gpu.kv_staging": staged * kv_batch if kv_staging else 0,
         "gpu.kv_dequant": kv_batch16 if ck and kv_dequant else 0,
         "gpu.activations": act_gpu * hidden,
-        "gpu.activation_staging": (1 - act_gpu) * 2 * b * p * config.hidden_size * dtype_bytes,
+        "gpu.activation_staging": (1 - act_gpu) * 2 * b * c * config.hidden_size * dtype_bytes,
         # fused SDPA never materialises the scores; a padded batch passes its mask as a bias
-        "gpu.attention_scores": b * p * p * dtype_bytes,
-        "gpu.mlp_workspace": mlp_workspace_bytes(config, b * p, dtype_bytes),
+        "gpu.attention_scores": b * c * p * dtype_bytes,
+        "gpu.mlp_workspace": mlp_workspace_bytes(config, b * c, dtype_bytes),
         "gpu.logits": b * config.vocab_size * 4,
         "cpu.layer_weights": w_cpu * L,
         "cpu.kv_cache": kv_cpu * kv_block,
