@@ -143,22 +143,18 @@ _cfg("opt30b-16g-c4-plan", "opt-30b", dict(gpu_batch_size=64, num_gpu_batches=7,
 _C4_CHUNKED = dict(CONFIGS["opt30b-16g-c4-plan"]["policy"], prefill_chunk=104)
 _cfg("opt30b-16g-c4-chunked", "opt-30b", _C4_CHUNKED, num_seqs=1792, **_GPU16)
 _cfg("opt30b-16g-c4-chunked-448", "opt-30b", _C4_CHUNKED, num_seqs=448, **_GPU16)
-# Longer chunks: fewer steps per prompt, so more steps decode all seven batches; a chunk's compute
-# stays under the link's time up to ~170 columns (H200, 2026-11-22).
+# Longer chunks: fewer steps per prompt, so more steps decode all seven batches, while a chunk's
+# compute still hides behind the link (chunk 104 left ~0.5 s of a 1.9 s step; docs/benchmarks.md c2).
 for _c in (128, 171):
     _cfg(f"opt30b-16g-c4-chunked{_c}", "opt-30b", dict(_C4_CHUNKED, prefill_chunk=_c), num_seqs=1792, **_GPU16)
-    _cfg(f"opt30b-16g-c4-chunked{_c}-448", "opt-30b", dict(_C4_CHUNKED, prefill_chunk=_c), num_seqs=448, **_GPU16)
 # ... with two fewer layers' weights on the GPU: the chunk's larger transients need the room (at
 # 18/48 the allocator's free-and-retry path ran 440 times in a 1792-row run).
 _cfg("opt30b-16g-c4-chunked128-w16", "opt-30b", dict(_C4_CHUNKED, prefill_chunk=128, weights={"gpu": 16 / 48, "cpu": 32 / 48}),
      num_seqs=1792, **_GPU16)
-# The same with activations on the GPU (a chunk's are small: 64 x 104 columns) and the memory
-# that frees holding more layers' weights.
-for _w in (19, 26, 28):
-    _pol = dict(_C4_CHUNKED, weights={"gpu": _w / 48, "cpu": 1 - _w / 48}, activations={"gpu": 1, "cpu": 0})
-    _cfg(f"opt30b-16g-c4-chunked-g{_w}", "opt-30b", _pol, num_seqs=1792, **_GPU16)
-    _cfg(f"opt30b-16g-c4-chunked-g{_w}-448", "opt-30b", _pol, num_seqs=448, **_GPU16)
-    _cfg(f"opt30b-16g-c4-chunked-g{_w}-896", "opt-30b", _pol, num_seqs=896, **_GPU16)
+# Activations on the GPU (a chunk's are small: 64 x 104 columns) and that memory holding 26 layers'
+# weights: slower (137.1 tok/s, 866 allocator retries; c2).
+_cfg("opt30b-16g-c4-chunked-g26-448", "opt-30b", dict(_C4_CHUNKED, weights={"gpu": 26 / 48, "cpu": 22 / 48},
+                                                      activations={"gpu": 1, "cpu": 0}), num_seqs=448, **_GPU16)
 _cfg("opt30b-16g-cpuattn", "opt-30b", dict(gpu_batch_size=32, num_gpu_batches=2, weights={"gpu": 8 / 48, "cpu": 40 / 48},
                                            kv_cache={"gpu": 0, "cpu": 1}, cpu_attention=True), **_GPU16)
 _cfg("opt30b-16g-cpuattn-80", "opt-30b", dict(gpu_batch_size=40, num_gpu_batches=2, weights={"gpu": 7 / 48, "cpu": 41 / 48},
@@ -174,8 +170,6 @@ def _step_log(path: str) -> None:
     """Append every token step of the engine to ``path`` as it ends (``CG_STEPS=1``; a run cut
     short still leaves its log): seconds of the step, seconds since the previous step ended (what
     runs between steps: admission, sampling), batches in their prompt, decoding batches, rows."""
-    import time as _time
-
     from corpusgen.engine import schedule
 
     real = schedule.BlockEngine._pass
@@ -186,13 +180,13 @@ def _step_log(path: str) -> None:
     def timed(self, batches):
         n = count[0]
         count[0] += 1
-        t0 = _time.perf_counter()
+        t0 = time.perf_counter()
         if n in traced:
             dt = _traced_pass(real, self, batches, path.replace("steps-", f"trace{n}-").replace(".jsonl", ".json"))
         else:
             dt = real(self, batches)
         gap = 0.0 if last[0] is None else t0 - last[0]
-        last[0] = _time.perf_counter()
+        last[0] = time.perf_counter()
         with open(path, "a") as f:
             f.write(json.dumps([round(dt, 4), round(gap, 4), sum(not b.decoding for b in batches),
                                 sum(b.decoding for b in batches), sum(len(b.rows) for b in batches)]) + "\n")
@@ -270,7 +264,7 @@ def bench(names: list[str]) -> None:
             f"spec=json.loads({json.dumps(json.dumps(spec))});"
             "prof=load_profile(os.environ['CG_PROFILE']) if os.path.exists(os.environ.get('CG_PROFILE','')) else None;"
             "pol=policy_from_dict(spec.pop('policy')); model=spec.pop('model');"
-            f"steps=_step_log(os.path.join(os.environ['OUT'], 'steps-{name}.jsonl')) if os.environ.get('CG_STEPS') else None;"
+            f"os.environ.get('CG_STEPS') and _step_log(os.path.join(os.environ['OUT'], 'steps-{name}.jsonl'));"
             f"rec=run_bench(model, dummy=True, policy=pol, profile=prof, label={name!r}, results_file=os.environ['CG_RESULTS'], **spec);"
             "print('RESULT', json.dumps(rec))"
         )

@@ -295,13 +295,19 @@ PACKED_ENABLED = os.environ.get("CORPUSGEN_PACKED_ATTENTION", "1") != "0"
 ``CORPUSGEN_PACKED_ATTENTION=0``): dequantise the cache, then attend (for comparisons)."""
 
 
+def packed_fits(cfg, compress) -> bool:
+    """Whether the kernel takes model ``cfg``'s cache under KV compression ``compress`` (the
+    model's side of ``packed_usable``; the memory model asks it too): 4-bit, one query head per
+    K/V head, head_dim 64/128/256, groups that divide it."""
+    return (compress is not None and compress.bits == 4 and cfg.num_heads == cfg.num_kv_heads
+            and cfg.head_dim in (64, 128, 256) and cfg.head_dim % compress.group_size == 0)
+
+
 def packed_usable(cfg, device: torch.device, dtype: torch.dtype, compress) -> bool:
-    """Whether decode steps of model ``cfg`` attend straight from its 4-bit cache: CUDA, triton,
-    fp16/bf16, one query head per K/V head, head_dim 64/128/256, 4-bit groups that divide it."""
-    return (PACKED_ENABLED and triton is not None and device.type == "cuda" and compress is not None
-            and compress.bits == 4 and dtype in (torch.float16, torch.bfloat16)
-            and cfg.num_heads == cfg.num_kv_heads and cfg.head_dim in (64, 128, 256)
-            and cfg.head_dim % compress.group_size == 0)
+    """Whether decode steps of model ``cfg`` attend straight from its 4-bit cache: ``packed_fits``,
+    on CUDA with triton, in fp16/bf16."""
+    return (PACKED_ENABLED and triton is not None and device.type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16) and packed_fits(cfg, compress))
 
 
 def packed_decode_attention(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float,

@@ -284,7 +284,7 @@ class BlockEngine:
             w = None  # drop this layer's (dequantised) weights before the next get()
             self.store.release(j)
             if RUN_AHEAD and self.device.type == "cuda":
-                done[j] = self.streams.event(torch.cuda.current_stream(self.device))
+                done[j] = self.streams.event(self.streams.compute)
 
     def _set_prefix(self, prefix: Sequence[int] | None) -> int:
         """Make ``prefix``'s K/V available (computing it only when it changed); its length, or 0."""

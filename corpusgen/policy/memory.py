@@ -27,8 +27,9 @@ columns one step computes: ``min(p, prefill_chunk)``, or ``p`` unchunked)::
                                                       stored compressed too and dequantised here)
     gpu.kv_cache            GPU-KV layers × kv(B)
     gpu.kv_staging          2 × kv(b)                 if any KV layer is on the CPU and not cpu_attention;
-                            (num_gpu_batches + 1) × kv(b) when the cache is 4-bit (attended packed:
-                            a layer's loads are queued for every batch at once)
+                            (num_gpu_batches + 1) × kv(b) when the packed kernel takes the
+                            4-bit cache (decode_attention.packed_fits; attended in place on
+                            CUDA, a layer's loads are queued for every batch at once)
     gpu.kv_dequant          kv(b) uncompressed        if compress_kv and some KV is attended on the GPU
     gpu.activations         B × c × hidden × dtype    if activations on the GPU
     gpu.activation_staging  2 × b × c × hidden × dtype if activations on the CPU
@@ -257,9 +258,11 @@ def memory_terms(config: ModelConfig, policy: Policy, prompt_len: int, gen_len: 
     kv_batch = kv_layer_bytes(config, b, s, dtype_bytes, ck)
     kv_batch16 = kv_layer_bytes(config, b, s, dtype_bytes, None)
     hidden = B * c * config.hidden_size * dtype_bytes
-    # A 4-bit cache is attended packed (decode_attention.py), so a layer's loads are queued for
-    # every GPU batch at once, one layer ahead: num_gpu_batches + 1 batches' KV, not 2.
-    staged = policy.num_gpu_batches + 1 if ck is not None and ck.bits == 4 else 2
+    # A 4-bit cache the packed kernel takes is attended in place (on CUDA), so a layer's loads are
+    # queued for every GPU batch at once, one layer ahead: num_gpu_batches + 1 batches' KV, not 2.
+    from corpusgen.engine.decode_attention import packed_fits
+
+    staged = policy.num_gpu_batches + 1 if packed_fits(config, ck) else 2
     t = {
         "gpu.embed_head": embed_head_bytes(config, dtype_bytes),
         "gpu.layer_weights": w_gpu * L,
