@@ -16,7 +16,7 @@ quantises them as they are, FlexGen's way. For each setting:
    ``log_softmax(logits)[target]`` and then forces the target (every other logit -inf), so the
    compressed KV cache and weights are used exactly as in generation. After its last target a row
    is forced to EOS and ends. The uncompressed run is checked against one full-sequence pass of
-   ``corpusgen.engine.model.reference_logits`` on the same weights.
+   ``corpusgen.engine.models.reference.reference_logits`` on the same weights.
 2. **Greedy agreement** on the sample jobs: the prompts of jobs/extract.yaml, classify.yaml and
    summarize.yaml over the 48 hand-written sample documents (the two edge-case rows are left
    out), each job's template rendered with the row and wrapped by the chat template, greedy, each
@@ -131,7 +131,7 @@ def engine_logprobs(engine, seqs: dict[str, list[int]], prefix: int, end_token: 
 @torch.no_grad()
 def reference_logprobs(cfg, units, seqs: dict[str, list[int]], prefix: int) -> dict[str, list[float]]:
     """The same log-probs from one full-sequence pass per sequence (no cache, no schedule)."""
-    from corpusgen.engine.model import reference_logits
+    from corpusgen.engine.models.reference import reference_logits
 
     out = {}
     for k, s in seqs.items():
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     from corpusgen.engine.load import open_engine
     from corpusgen.engine.tokenizer import load_tokenizer
     from corpusgen.engine.weights import iter_units, load_config, resolve_source
-    from corpusgen.policy.policy import Compression, Policy
+    from corpusgen.planner.policy import Compression, Policy
 
     tok, cfg = load_tokenizer(args.model), load_config(args.model)
     end_token = tok.eos_token_ids[0]
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     jobs = {} if args.skip_jobs else job_requests(tok, args.max_new_tokens)
     grammars = {}
     if args.structured:
-        from corpusgen.structured import Grammar, compile_constraint
+        from corpusgen.job.structured import Grammar, compile_constraint
 
         grammars = {job: Grammar(compile_constraint(schema), tok, eos_ids=tok.eos_token_ids)
                     for job, (_, _, schema) in jobs.items() if schema is not None}

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     from corpusgen.engine.load import open_engine
     from corpusgen.engine.tokenizer import load_tokenizer
     from corpusgen.engine.weights import iter_units, load_config
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     tok, cfg = load_tokenizer("default"), load_config("default")
     eos = tuple(tok.eos_token_ids)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from corpusgen.engine import decode_attention as da
+from corpusgen.engine.kernels import decode_attention as da
 
 SHAPES = {  # name: (rows, heads, kv_heads, k_len, head_dim)
     "opt-6.7b 128 rows": (128, 32, 32, 515, 128),

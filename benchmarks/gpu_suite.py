@@ -32,9 +32,9 @@ def check() -> None:
     from corpusgen.engine import compression as cq
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import IdTokenizer, open_engine
-    from corpusgen.policy.policy import Compression, Placement, Policy
+    from corpusgen.planner.policy import Compression, Placement, Policy
 
-    from corpusgen.engine import decode_attention
+    from corpusgen.engine.kernels import decode_attention
 
     print("triton self-check:", cq._selfcheck_triton())
     print("decode attention self-check:", decode_attention.selfcheck())
@@ -107,7 +107,7 @@ def check() -> None:
 
 
 def profile() -> None:
-    from corpusgen.policy.hardware import measure, save_profile
+    from corpusgen.planner.hardware import measure, save_profile
 
     prof = measure("cuda", offload_dir=tempfile.mkdtemp(dir="/tmp"))
     save_profile(prof, OUT / "hardware.yaml")
@@ -259,8 +259,8 @@ def bench(names: list[str]) -> None:
         spec = CONFIGS[name]
         t0 = time.time()
         code = (
-            "import json,sys; from corpusgen.bench import run_bench; from corpusgen.policy.policy import policy_from_dict;"
-            "from corpusgen.policy.hardware import load_profile; import os;"
+            "import json,sys; from corpusgen.bench import run_bench; from corpusgen.planner.policy import policy_from_dict;"
+            "from corpusgen.planner.hardware import load_profile; import os;"
             f"spec=json.loads({json.dumps(json.dumps(spec))});"
             "prof=load_profile(os.environ['CG_PROFILE']) if os.path.exists(os.environ.get('CG_PROFILE','')) else None;"
             "pol=policy_from_dict(spec.pop('policy')); model=spec.pop('model');"
@@ -292,7 +292,7 @@ def trace(model: str = "opt-6.7b", n: int = 128, gen: int = 4) -> None:
 
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import open_engine
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     eng = open_engine(model, dummy=True, policy=Policy(gpu_batch_size=n))
     eng.block.eos = set()
@@ -319,7 +319,7 @@ def step_gaps(gen: int = 9, model: str = "opt-6.7b", n: int = 128) -> None:
 
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import open_engine
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     eng = open_engine(model, dummy=True, policy=Policy(gpu_batch_size=n))
     eng.block.eos = set()
@@ -365,7 +365,7 @@ def trace_config(name: str, gen: int = 3) -> None:
 
     from corpusgen.bench import _open
     from corpusgen.engine.api import Request, SamplingSettings
-    from corpusgen.policy.policy import policy_from_dict
+    from corpusgen.planner.policy import policy_from_dict
 
     spec = dict(CONFIGS[name])
     pol = policy_from_dict(spec.pop("policy"))
@@ -394,7 +394,7 @@ def prefill_ab(rounds: int = 4, model: str = "opt-6.7b", n: int = 128) -> None:
 
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import open_engine
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     eng = open_engine(model, dummy=True, policy=Policy(gpu_batch_size=n))
     eng.block.eos = set()
@@ -428,7 +428,7 @@ def decode_steps(rounds: int = 2, model: str = "opt-6.7b", n: int = 128, gen: in
 
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import open_engine
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     eng = open_engine(model, dummy=True, policy=Policy(gpu_batch_size=n, refill=False))
     eng.block.eos = set()

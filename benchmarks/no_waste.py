@@ -53,7 +53,7 @@ def main() -> None:
 
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import open_engine
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,9 +70,9 @@ def main() -> None:
     if args.job:
         from dataclasses import replace
 
-        from corpusgen.answers import answer_format, bind_grammar
-        from corpusgen.prompts import PromptBuilder
-        from corpusgen.spec import load_spec
+        from corpusgen.job.answers import answer_format, bind_grammar
+        from corpusgen.job.prompts import PromptBuilder
+        from corpusgen.job.spec import load_spec
 
         spec = load_spec(args.job)
         builder = PromptBuilder(spec.prompt, tok, max_context=eng.max_context, max_new_tokens=args.max_new_tokens)

@@ -29,8 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from corpusgen.engine import decode_attention as da
-from corpusgen.engine import kv_copy
+from corpusgen.engine.kernels import decode_attention as da
+from corpusgen.engine.kernels import kv_copy
 from corpusgen.engine.tiers import HostArena
 
 

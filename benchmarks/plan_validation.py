@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 
 from corpusgen.engine.config import preset
-from corpusgen.policy.cost_model import block_time
-from corpusgen.policy.hardware import load_profile
-from corpusgen.policy.optimizer import plan
-from corpusgen.policy.policy import policy_from_dict
+from corpusgen.planner.cost_model import block_time
+from corpusgen.planner.hardware import load_profile
+from corpusgen.planner.optimizer import plan
+from corpusgen.planner.policy import policy_from_dict
 
 GIB = 2**30
 CASES = [  # name, model, gpu GiB, cpu GiB, compression allowed

@@ -63,7 +63,7 @@ def out_dir() -> Path:
 def run_phase(name: str) -> None:
     """One process of a phase (torchrun starts one per rank): corpusgen.bench.run_bench."""
     from corpusgen.bench import run_bench
-    from corpusgen.policy.policy import policy_from_dict
+    from corpusgen.planner.policy import policy_from_dict
 
     procs, stages, pol, seqs, cpu_mem, what = PHASES[name]
     model, prompt_len, gen_len, gpu_mem, device, dtype = MODEL, PROMPT_LEN, GEN_LEN, GPU_MEM, None, None

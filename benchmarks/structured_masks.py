@@ -111,7 +111,7 @@ class LLG:
         self.words = (self.tok.vocab_size + 31) // 32
 
     def grammar(self, kind, spec):
-        from corpusgen.structured import JSON_DEFAULTS
+        from corpusgen.job.structured import JSON_DEFAULTS
 
         if kind == "json":
             return self.M.grammar_from_json_schema(spec, defaults=JSON_DEFAULTS)

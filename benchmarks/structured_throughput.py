@@ -10,7 +10,7 @@
 alternately. With ``--max-new-tokens`` below the shortest answer (24: the answers take 34–66
 tokens) every row runs every step in both variants, so the two do exactly the same model work and
 the difference is the constraint's cost alone. Also prints the mask worker's figures
-(corpusgen.structured.MaskStats). Rows beyond the 50 sample documents repeat them under new keys.
+(corpusgen.job.structured.MaskStats). Rows beyond the 50 sample documents repeat them under new keys.
 With ``--dummy`` (random weights of ``--model``'s shape, whose EOS the engine ignores) every
 answer is cut at its first EOS token and validated: the masks were applied correctly on the device.
 
@@ -55,11 +55,11 @@ def engine_mode(rows: int, max_new_tokens: int, repeats: int, model: str | None 
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import open_engine
     from corpusgen.engine.tokenizer import load_tokenizer
-    from corpusgen.policy.policy import Policy
-    from corpusgen.prompts import PromptBuilder
-    from corpusgen.readers import batch_records, open_input
-    from corpusgen.spec import load_spec, with_overrides
-    from corpusgen.structured import Grammar, compile_constraint
+    from corpusgen.planner.policy import Policy
+    from corpusgen.job.prompts import PromptBuilder
+    from corpusgen.job.readers import batch_records, open_input
+    from corpusgen.job.spec import load_spec, with_overrides
+    from corpusgen.job.structured import Grammar, compile_constraint
 
     spec = with_overrides(load_spec(JOB), input=str(DOCS))
     engine = open_engine(model or spec.model, dummy=dummy, device=device, tokenizer=load_tokenizer(tokenizer) if tokenizer else None,
@@ -145,7 +145,7 @@ def cli_mode(limit: int, repeats: int) -> None:
             t = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
             wall = time.perf_counter() - t
-            from corpusgen.manifest import connect_sql
+            from corpusgen.job.manifest import connect_sql
 
             con = connect_sql(out)
             run = con.execute("SELECT rows, gen_tokens, seconds, engine_seconds, load_seconds FROM runs").fetchall()[0]

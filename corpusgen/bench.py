@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corpusgen.policy.policy import Policy
+from corpusgen.planner.policy import Policy
 
 GIB = 2**30
 
@@ -38,7 +38,7 @@ def link_seconds_per_decode_step(engine, profile) -> dict[str, float]:
     kv_cpu_layers = sum(1 for t in store.kv_tiers if t == "cpu")
     kv_bytes = 0
     if kv_cpu_layers and not pol.cpu_attention:
-        from corpusgen.policy.memory import kv_layer_bytes
+        from corpusgen.planner.memory import kv_layer_bytes
 
         kv_bytes = kv_cpu_layers * kv_layer_bytes(cfg, pol.block_size, engine._last_len, 2, pol.compress_kv)
     moved = weight_bytes + kv_bytes
@@ -60,7 +60,7 @@ def run_bench(model: str, *, dummy: bool = True, prompt_len: int = 512, gen_len:
     returns and records the aggregate, with every rank's figures under ``ranks``.
     """
     from corpusgen.errors import PolicyError
-    from corpusgen.ranks import Ranks
+    from corpusgen.job.ranks import Ranks
 
     ranks = ranks or Ranks.from_env()
     if pipeline_stages not in (1, ranks.world):
@@ -111,7 +111,7 @@ def _bench_ranks(model, ranks, stages, dummy, device, dtype, policy, gpu_memory,
     from corpusgen.engine.load import pick_device
     from corpusgen.engine.pipeline import PipelineGroup, split_layers
     from corpusgen.engine.weights import load_config
-    from corpusgen.ranks import StartGroup, rank_dir_name
+    from corpusgen.job.ranks import StartGroup, rank_dir_name
 
     ranks.select_gpu(device or "auto")
     pipeline = stages > 1

@@ -67,14 +67,16 @@ def fake_factory():
 
 @pytest.fixture
 def fake_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the CLI (and subprocesses) use the fake engine."""
-    monkeypatch.setenv("CORPUSGEN_FAKE_ENGINE", "1")
+    """Make the CLI use the fake engine (passed to run_job; subprocesses run tests/fake_cli.py)."""
+    import fake_cli
+
+    fake_cli.use_fake_engine(monkeypatch.setattr)
     monkeypatch.delenv("CORPUSGEN_FAKE_DELAY", raising=False)
 
 
 def read_outputs(out_dir: Path) -> pa.Table:
     """All committed parts of an output directory, sorted by key."""
-    from corpusgen.runner import committed_parts
+    from corpusgen.job.runner import committed_parts
 
     parts = committed_parts(out_dir)
     table = pa.concat_tables([pq.read_table(p) for p in parts])

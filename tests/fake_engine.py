@@ -7,7 +7,7 @@ length depends on the prompt; it honours max_new_tokens (reason ``length``) and 
 ``ENGINE-ERROR`` gets a Result with ``error`` set. Rows are yielded shortest answer first (any
 order is allowed by the interface).
 
-Selected by the CLI when ``CORPUSGEN_FAKE_ENGINE=1``; ``CORPUSGEN_FAKE_DELAY`` (seconds per
+Passed to ``run_job`` by tests (tests/fake_cli.py for a whole process); ``CORPUSGEN_FAKE_DELAY`` (seconds per
 row) slows it down so a test can kill a run midway; ``CORPUSGEN_FAKE_BLOCK`` sets block_size.
 
 Fault injection (tests/test_reliability*.py), by constructor argument or environment variable:
@@ -24,7 +24,7 @@ Fault injection (tests/test_reliability*.py), by constructor argument or environ
 - ``CORPUSGEN_FAKE_DISK_FULL=BYTES``: part files written by this process get BYTES in all; the
   write that crosses it writes what fits and fails with ENOSPC, as a full disk does.
 
-The stage and disk hooks patch corpusgen.writer / corpusgen.manifest while the engine is open and
+The stage and disk hooks patch corpusgen.job.writer / corpusgen.job.manifest while the engine is open and
 are removed by close().
 """
 
@@ -176,8 +176,8 @@ class _Faults:
     def __init__(self, *, stages: str | None, hang: str | None, disk_bytes: str | None):
         import builtins
 
-        import corpusgen.manifest as manifest
-        import corpusgen.writer as writer
+        import corpusgen.job.manifest as manifest
+        import corpusgen.job.writer as writer
 
         self.stages_file = stages
         self.counts: dict[str, int] = {}

@@ -14,7 +14,7 @@ from corpusgen.engine.api import Request, SamplingSettings
 from corpusgen.engine.load import IdTokenizer
 from corpusgen.engine.pipeline import open_stage, split_layers
 from corpusgen.engine.weights import load_config
-from corpusgen.policy.policy import Policy
+from corpusgen.planner.policy import Policy
 
 NEW_TOKENS = 8
 

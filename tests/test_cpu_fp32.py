@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from corpusgen.engine import layers as L
-from corpusgen.engine import llama
+from corpusgen.engine.models import llama
 from corpusgen.engine.config import ModelConfig
 
 needs_onednn = pytest.mark.skipif(not L.onednn_fp32_probe(L._onednn_linear),

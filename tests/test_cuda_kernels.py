@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from corpusgen.engine import decode_attention as da
+from corpusgen.engine.kernels import decode_attention as da
 from corpusgen.engine import layers as L
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or da.triton is None,
@@ -65,7 +65,7 @@ def test_engine_decodes_alike_with_the_kernel_and_with_sdpa(monkeypatch, tmp_pat
 
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import IdTokenizer, open_engine
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     torch.manual_seed(0)
     common = dict(vocab_size=99, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
@@ -118,7 +118,7 @@ def test_engine_attends_a_4bit_cache_in_place_like_dequantised(monkeypatch, tmp_
 
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import IdTokenizer, open_engine
-    from corpusgen.policy.policy import Compression, Placement, Policy
+    from corpusgen.planner.policy import Compression, Placement, Policy
 
     torch.manual_seed(0)
     common = dict(vocab_size=99, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
@@ -169,7 +169,7 @@ def test_decode_graphs_compute_what_the_eager_steps_compute(monkeypatch, tmp_pat
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.kv_cache import KVCaches
     from corpusgen.engine.load import IdTokenizer, open_engine
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     torch.manual_seed(0)
     common = dict(vocab_size=99, hidden_size=256, num_hidden_layers=3, num_attention_heads=4,
@@ -277,7 +277,7 @@ def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- kv_copy.py
 
 def test_tile_copy_equals_copy_on_strided_views():
-    from corpusgen.engine import kv_copy
+    from corpusgen.engine.kernels import kv_copy
 
     g = torch.Generator().manual_seed(3)
     for b, heads, s, d, cols, col in ((3, 5, 37, 64, 50, 4), (1, 2, 300, 128, 333, 0), (4, 3, 9, 16, 9, 0)):
@@ -292,7 +292,7 @@ def test_tile_copy_equals_copy_on_strided_views():
 
 
 def test_copy_to_host_2d_lands_in_a_narrowed_pinned_cache():
-    from corpusgen.engine import kv_copy
+    from corpusgen.engine.kernels import kv_copy
     from corpusgen.engine.tiers import HostArena
 
     arena = HostArena()
@@ -318,10 +318,10 @@ def test_engine_prefill_copies_give_the_same_tokens(monkeypatch, tmp_path, cpu_a
     attention): the same greedy tokens as with PyTorch's copies, padded rows, two GPU batches."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from corpusgen.engine import kv_copy
+    from corpusgen.engine.kernels import kv_copy
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import IdTokenizer, open_engine
-    from corpusgen.policy.policy import Placement, Policy
+    from corpusgen.planner.policy import Placement, Policy
 
     torch.manual_seed(0)
     OPTForCausalLM(OPTConfig(vocab_size=99, hidden_size=128, num_hidden_layers=3, num_attention_heads=4, ffn_dim=256,
@@ -353,7 +353,7 @@ def test_engine_prefill_copies_give_the_same_tokens(monkeypatch, tmp_path, cpu_a
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_layer_norm_matches_pytorch(monkeypatch, dtype):
-    from corpusgen.engine import fused_norm
+    from corpusgen.engine.kernels import fused_norm
 
     monkeypatch.setattr(fused_norm, "MIN_ROWS", 0)
     g = torch.Generator().manual_seed(5)
@@ -377,7 +377,7 @@ def test_fused_layer_norm_matches_pytorch(monkeypatch, dtype):
 def test_opt_mlp_epilogue_and_fused_qkv_match_the_plain_path(monkeypatch):
     """OPT's prefill fc1 with the ReLU in the GEMM epilogue, and a decode step's q/k/v from the fused
     weight, agree with the separate ops to fp16 rounding; so does the MLP over row chunks."""
-    from corpusgen.engine import opt
+    from corpusgen.engine.models import opt
     from corpusgen.engine.config import preset
     from corpusgen.engine.placement import _fuse_qkv
 

@@ -24,13 +24,14 @@ import pytest
 from click.testing import CliRunner
 
 import fake_engine
+from fake_cli import SCRIPT as FAKE_CLI
 from conftest import REPO, make_rows, read_outputs, write_job, write_parquet
 from corpusgen.cli import cli
 from corpusgen.errors import CorpusgenError, LockedError
-from corpusgen.manifest import OutputLock, connect_sql, job_status
-from corpusgen.ranks import Ranks, key_rank
-from corpusgen.runner import run_job
-from corpusgen.spec import load_spec
+from corpusgen.job.manifest import OutputLock, connect_sql, job_status
+from corpusgen.job.ranks import Ranks, key_rank
+from corpusgen.job.runner import run_job
+from corpusgen.job.spec import load_spec
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -42,13 +43,13 @@ def _free_port() -> int:
 
 
 def _torchrun(job: Path, out: Path, nproc: int, *args: str, delay: float = 0.0) -> subprocess.Popen:
-    """`python -m torch.distributed.run --nproc-per-node N -m corpusgen run JOB -o OUT` with the fake engine."""
+    """`python -m torch.distributed.run --nproc-per-node N tests/fake_cli.py run JOB -o OUT` (the fake engine)."""
     env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARS}
-    env.update(CORPUSGEN_FAKE_ENGINE="1", CORPUSGEN_FAKE_DELAY=str(delay), CORPUSGEN_FAKE_BLOCK="4",
+    env.update(CORPUSGEN_FAKE_DELAY=str(delay), CORPUSGEN_FAKE_BLOCK="4",
                PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--monitor-interval", "0.1",
-           "-m", "corpusgen", "run", str(job), "--output", str(out), *args]
+           FAKE_CLI, "run", str(job), "--output", str(out), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -96,7 +97,7 @@ def test_key_rank_is_a_stable_hash():
     or a relaunch would hand keys to other ranks; and it must spread keys over every rank."""
     keys = [f"doc-{i:04d}" for i in range(200)]
     mine = [key_rank(k, 3) for k in keys]
-    code = "from corpusgen.ranks import key_rank; print([key_rank(f'doc-{i:04d}', 3) for i in range(200)])"
+    code = "from corpusgen.job.ranks import key_rank; print([key_rank(f'doc-{i:04d}', 3) for i in range(200)])"
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
         got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -74,7 +74,7 @@ def both():
     from corpusgen.engine.load import open_engine
     from corpusgen.engine.tokenizer import load_tokenizer
     from corpusgen.engine.weights import iter_units, load_config
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     tok = load_tokenizer("default")
     cfg = load_config("default")
@@ -118,7 +118,7 @@ def test_no_waste_mechanisms_keep_greedy_outputs(both):
     output; nor do refill and length bucketing (rows in a different order and batch shape)."""
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import open_engine
-    from corpusgen.policy.policy import Policy
+    from corpusgen.planner.policy import Policy
 
     tok, engine, _ = both
     texts = INSTRUCTIONS + ["List two fruits.", "What is the capital of Italy?", "Count from one to five."]

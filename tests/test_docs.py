@@ -10,8 +10,8 @@ import pytest
 
 from conftest import REPO
 from corpusgen.cli import cli
-from corpusgen.spec import all_field_paths
-from corpusgen.writer import STATUSES, output_schema
+from corpusgen.job.spec import all_field_paths
+from corpusgen.job.writer import STATUSES, output_schema
 
 DOCS = REPO / "docs"
 

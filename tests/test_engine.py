@@ -15,10 +15,10 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 
 from corpusgen.engine.api import Request, SamplingSettings
 from corpusgen.engine.load import IdTokenizer, open_engine
-from corpusgen.engine.model import reference_logits
+from corpusgen.engine.models.reference import reference_logits
 from corpusgen.engine.weights import iter_units, load_config
 from corpusgen.errors import BudgetError, OffloadIOError
-from corpusgen.policy.policy import Compression, Placement, Policy
+from corpusgen.planner.policy import Compression, Placement, Policy
 
 COMMON = dict(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
               bos_token_id=1, eos_token_id=98, pad_token_id=0)
@@ -521,7 +521,8 @@ def test_chunked_mlp_equals_whole(tiny):
     name, hf, path = tiny
     if name != "llama":
         pytest.skip("the chunked MLP is the llama family's")
-    from corpusgen.engine import layers, llama
+    from corpusgen.engine import layers
+    from corpusgen.engine.models import llama
 
     cfg = load_config(path)
     w = dict(iter_units(path, cfg, dtype=torch.float32))["layer.0"]

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 import fake_engine
 from corpusgen.errors import CorpusgenError, InputError, JobSpecError, TemplateError
-from corpusgen.prompts import PromptBuilder, compile_template
-from corpusgen.readers import batch_records, open_input
-from corpusgen.spec import _SECTIONS, InputSpec, PromptSpec, load_spec, spec_from_dict
+from corpusgen.job.prompts import PromptBuilder, compile_template
+from corpusgen.job.readers import batch_records, open_input
+from corpusgen.job.spec import _SECTIONS, InputSpec, PromptSpec, load_spec, spec_from_dict
 
 SCALE = int(os.environ.get("CORPUSGEN_FUZZ_EXAMPLES", "0") or 0)
 

@@ -19,12 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import fake_engine
+from fake_cli import SCRIPT as FAKE_CLI
 from conftest import REPO, read_outputs, write_job, write_parquet
 from corpusgen.errors import JobSpecError, TemplateError
-from corpusgen.prompts import compile_template
-from corpusgen.readers import batch_records, open_input
-from corpusgen.runner import run_job
-from corpusgen.spec import InputSpec, PromptSpec, load_spec
+from corpusgen.job.prompts import compile_template
+from corpusgen.job.readers import batch_records, open_input
+from corpusgen.job.runner import run_job
+from corpusgen.job.spec import InputSpec, PromptSpec, load_spec
 from test_reliability import integrity
 
 BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}' if p else 'x'] * 10)}]\n"
@@ -264,7 +265,7 @@ def test_hundreds_of_thousands_of_tiny_rows_end_to_end_in_flat_memory(tmp_path):
     parts, the process's peak memory close to a 10,000-row run's (memory does not grow with the
     corpus), and a resume that skips them all quickly."""
     # blocks of 1024 rows: both runs fill the runner's window (8 blocks), which bounds its memory
-    env = {**os.environ, "CORPUSGEN_FAKE_ENGINE": "1", "CORPUSGEN_FAKE_BLOCK": "1024", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "CORPUSGEN_FAKE_BLOCK": "1024", "PYTHONPATH": str(REPO)}
     env.pop("CORPUSGEN_FAKE_DELAY", None)
     procs = {}
     for n in (10_000, 100_000):
@@ -274,7 +275,7 @@ def test_hundreds_of_thousands_of_tiny_rows_end_to_end_in_flat_memory(tmp_path):
                        d / "tiny.parquet", row_group_size=10_000)  # the reader holds one row group
         job = write_job(d, input={"path": "tiny.parquet", "id": "id"}, prompt={"template": "{{ text }}"},
                         generation={"max_new_tokens": 8})
-        procs[n] = (job, subprocess.Popen([sys.executable, "-m", "corpusgen", "run", str(job), "-o", str(d / "out")],
+        procs[n] = (job, subprocess.Popen([sys.executable, FAKE_CLI, "run", str(job), "-o", str(d / "out")],
                                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     peak = {}
     for n, (job, proc) in procs.items():
@@ -288,7 +289,7 @@ def test_hundreds_of_thousands_of_tiny_rows_end_to_end_in_flat_memory(tmp_path):
     assert peak[100_000] < peak[10_000] + 64 * 2**20, peak  # measured: about +10 MB (allocator caches)
     job = procs[100_000][0]
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "corpusgen", "run", str(job), "-o", str(job.parent / "out")], cwd=REPO,
+    r = subprocess.run([sys.executable, FAKE_CLI, "run", str(job), "-o", str(job.parent / "out")], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "0 rows committed" in r.stdout and "100000 already done" in r.stdout, r.stdout
     assert time.perf_counter() - t0 < 60

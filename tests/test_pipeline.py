@@ -25,8 +25,8 @@ from corpusgen.engine.config import preset
 from corpusgen.engine.load import IdTokenizer, open_engine
 from corpusgen.engine.pipeline import split_layers, stage_memory
 from corpusgen.errors import PolicyError
-from corpusgen.policy.memory import memory_per_tier
-from corpusgen.policy.policy import Compression, Placement, Policy
+from corpusgen.planner.memory import memory_per_tier
+from corpusgen.planner.policy import Compression, Placement, Policy
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [3], [40, 41, 42], [7, 7, 7, 7], [20, 21, 22]]
 MANY = [[(7 * i + 3 * j) % 90 + 5 for j in range(2 + i % 5)] for i in range(23)]

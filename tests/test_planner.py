@@ -8,11 +8,11 @@ import pytest
 
 from corpusgen.engine.config import preset
 from corpusgen.errors import BudgetError
-from corpusgen.policy.cost_model import block_time
-from corpusgen.policy.hardware import BUILTIN, HardwareProfile, load_profile, measure, save_profile
-from corpusgen.policy.memory import check_budgets, kv_layer_bytes, layer_weight_bytes, memory_per_tier, realise
-from corpusgen.policy.optimizer import plan
-from corpusgen.policy.policy import Compression, Placement, Policy, policy_from_dict
+from corpusgen.planner.cost_model import block_time
+from corpusgen.planner.hardware import BUILTIN, HardwareProfile, load_profile, measure, save_profile
+from corpusgen.planner.memory import check_budgets, kv_layer_bytes, layer_weight_bytes, memory_per_tier, realise
+from corpusgen.planner.optimizer import plan
+from corpusgen.planner.policy import Compression, Placement, Policy, policy_from_dict
 
 GIB = 2**30
 H200 = BUILTIN["h200"]

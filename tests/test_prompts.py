@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from corpusgen.errors import TemplateError
-from corpusgen.prompts import ELLIPSIS, PromptBuilder, compile_template
-from corpusgen.spec import PromptSpec
+from corpusgen.job.prompts import ELLIPSIS, PromptBuilder, compile_template
+from corpusgen.job.spec import PromptSpec
 from fake_engine import FakeTokenizer
 
 TOK = FakeTokenizer()

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import SAMPLE, make_rows, write_parquet
 from corpusgen.errors import InputError
-from corpusgen.readers import batch_records, open_input
-from corpusgen.spec import InputSpec
+from corpusgen.job.readers import batch_records, open_input
+from corpusgen.job.spec import InputSpec
 
 
 def _all(reader):

@@ -23,10 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import fake_engine
+from fake_cli import SCRIPT as FAKE_CLI
 from conftest import REPO, make_rows, read_outputs, write_job, write_parquet
-from corpusgen.manifest import Manifest, job_status
-from corpusgen.runner import run_job
-from corpusgen.spec import load_spec
+from corpusgen.job.manifest import Manifest, job_status
+from corpusgen.job.runner import run_job
+from corpusgen.job.spec import load_spec
 
 ROWS = 96
 BLOCK = 4  # one part per block of 4 rows: 24 commits per full run
@@ -34,8 +35,8 @@ LOOP_ROWS = 480  # the kill loop: enough work that 24 killed runs do not finish 
 
 
 def start(job: Path, out: Path, *extra: str, delay: float = 0.0, **env: str) -> subprocess.Popen:
-    """`python -m corpusgen run JOB --output OUT` with the fake engine; ``env`` adds CORPUSGEN_FAKE_*."""
-    full = {**os.environ, "CORPUSGEN_FAKE_ENGINE": "1", "CORPUSGEN_FAKE_DELAY": str(delay),
+    """`tests/fake_cli.py run JOB --output OUT` (the fake engine); ``env`` adds CORPUSGEN_FAKE_*."""
+    full = {**os.environ, "CORPUSGEN_FAKE_DELAY": str(delay),
             "CORPUSGEN_FAKE_BLOCK": str(BLOCK), "PYTHONPATH": str(REPO),
             **{f"CORPUSGEN_FAKE_{k.upper()}": str(v) for k, v in env.items()}}
     for k in ("CORPUSGEN_FAKE_STAGES", "CORPUSGEN_FAKE_HANG", "CORPUSGEN_FAKE_DISK_FULL"):
@@ -43,7 +44,7 @@ def start(job: Path, out: Path, *extra: str, delay: float = 0.0, **env: str) -> 
             full.pop(k, None)
     # SIGINT as in a terminal, even when the test runner itself was started with it ignored (a
     # background job of a script): corpusgen keeps an ignored SIGINT ignored, as nohup wants
-    return subprocess.Popen([sys.executable, "-m", "corpusgen", "run", str(job), "--output", str(out), *extra],
+    return subprocess.Popen([sys.executable, FAKE_CLI, "run", str(job), "--output", str(out), *extra],
                             cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 

@@ -20,10 +20,10 @@ import fake_engine
 from conftest import read_outputs, write_job, write_parquet
 from corpusgen.cli import cli
 from corpusgen.errors import OffloadIOError, OutputError
-from corpusgen.events import JobWarning
-from corpusgen.manifest import job_status
-from corpusgen.runner import run_job
-from corpusgen.spec import load_spec
+from corpusgen.job.events import JobWarning
+from corpusgen.job.manifest import job_status
+from corpusgen.job.runner import run_job
+from corpusgen.job.spec import load_spec
 from test_reliability import ROWS, finish, integrity, make_corpus_job, orphans, start
 
 
@@ -105,7 +105,7 @@ def test_full_disk_real_tmpfs(tmp_path):
 # --- corruption -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
-def test_damaged_part_is_refused_with_what_to_do(tmp_path, damage):
+def test_damaged_part_is_refused_with_what_to_do(tmp_path, damage, fake_env):
     """A committed part truncated, or garbled in place (same size), is detected on resume: a one-line
     error naming the file and what to do, and nothing is deleted. Deleting it as told regenerates
     exactly its rows."""
@@ -120,7 +120,7 @@ def test_damaged_part_is_refused_with_what_to_do(tmp_path, damage):
         for i in range(100, 140):
             data[i] ^= 0xFF
         part.write_bytes(bytes(data))
-    r = CliRunner().invoke(cli, ["run", str(job), "--output", str(out)], env={"CORPUSGEN_FAKE_ENGINE": "1"})
+    r = CliRunner().invoke(cli, ["run", str(job), "--output", str(out)])
     assert r.exit_code == 1
     _one_line_error(r.output, "part-00002.parquet", "committed part is damaged", "delete it and run again")
     assert part.exists() and len(list(out.glob("part-*.parquet"))) == 5
@@ -133,7 +133,7 @@ def test_damaged_part_is_refused_with_what_to_do(tmp_path, damage):
 
 
 @pytest.mark.parametrize("damage", ["garble", "truncate", "empty", "delete"])
-def test_damaged_manifest_is_refused_with_what_to_do(tmp_path, damage):
+def test_damaged_manifest_is_refused_with_what_to_do(tmp_path, damage, fake_env):
     """A garbled, truncated, emptied or deleted manifest is never taken for a new job (which would
     delete every part as an orphan): a one-line error says to restore it or use --restart; the
     parts stay; --restart moves them aside and starts over."""
@@ -153,13 +153,12 @@ def test_damaged_manifest_is_refused_with_what_to_do(tmp_path, damage):
     else:
         manifest.unlink()
     parts = sorted(p.name for p in out.glob("part-*.parquet"))
-    r = CliRunner().invoke(cli, ["run", str(job), "--output", str(out)], env={"CORPUSGEN_FAKE_ENGINE": "1"})
+    r = CliRunner().invoke(cli, ["run", str(job), "--output", str(out)])
     assert r.exit_code == 1
     line = _one_line_error(r.output, "--restart")
     assert "restore it" in line.lower() or "Restore it" in line
     assert sorted(p.name for p in out.glob("part-*.parquet")) == parts
-    r = CliRunner().invoke(cli, ["run", str(job), "--output", str(out), "--restart"],
-                           env={"CORPUSGEN_FAKE_ENGINE": "1"})
+    r = CliRunner().invoke(cli, ["run", str(job), "--output", str(out), "--restart"])
     assert r.exit_code == 0, r.output
     assert integrity(out).drop_columns(["run_id"]).equals(ref)
     (old,) = tmp_path.glob("out.old-*")
@@ -219,10 +218,9 @@ def test_row_that_cannot_fit_alone_is_an_error_row_and_the_job_continues(tmp_pat
     assert [{k: v for k, v in got[r["key"]].items() if k != "run_id"} for r in ok] == ok
 
 
-def test_oom_through_the_cli_env(tmp_path, monkeypatch):
+def test_oom_through_the_cli_env(tmp_path, monkeypatch, fake_env):
     """CORPUSGEN_FAKE_OOM_* reach the fake engine of `corpusgen run`: allocator failures on CPU."""
     job, _ = make_corpus_job(tmp_path)
-    monkeypatch.setenv("CORPUSGEN_FAKE_ENGINE", "1")
     monkeypatch.setenv("CORPUSGEN_FAKE_OOM_ROWS", "2")
     monkeypatch.setenv("CORPUSGEN_FAKE_OOM_KEYS", "doc-0007")
     monkeypatch.setenv("CORPUSGEN_FAKE_OOM_KIND", "host")
@@ -258,7 +256,7 @@ def test_offload_disk_read_failure_end_to_end(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from corpusgen.engine.load import IdTokenizer, open_engine
-    from corpusgen.policy.policy import Placement, Policy
+    from corpusgen.planner.policy import Placement, Policy
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -304,7 +302,7 @@ def test_write_part_failure_is_an_output_error_and_leaves_no_tmp(tmp_path, monke
     becomes OutputError naming the part, and its .tmp file is removed."""
     import errno
 
-    import corpusgen.writer as writer
+    import corpusgen.job.writer as writer
 
     job, _ = make_corpus_job(tmp_path)
     calls = {"n": 0}

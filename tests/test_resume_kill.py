@@ -12,16 +12,17 @@ import time
 from pathlib import Path
 
 import fake_engine
+from fake_cli import SCRIPT as FAKE_CLI
 from conftest import REPO, make_rows, read_outputs, write_job, write_parquet
-from corpusgen.manifest import job_status
-from corpusgen.runner import run_job
-from corpusgen.spec import load_spec
+from corpusgen.job.manifest import job_status
+from corpusgen.job.runner import run_job
+from corpusgen.job.spec import load_spec
 
 
 def _start(job: Path, out: Path, delay: float) -> subprocess.Popen:
-    env = {**os.environ, "CORPUSGEN_FAKE_ENGINE": "1", "CORPUSGEN_FAKE_DELAY": str(delay),
+    env = {**os.environ, "CORPUSGEN_FAKE_DELAY": str(delay),
            "CORPUSGEN_FAKE_BLOCK": "4", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "corpusgen", "run", str(job), "--output", str(out)],
+    return subprocess.Popen([sys.executable, FAKE_CLI, "run", str(job), "--output", str(out)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 from corpusgen.errors import JobSpecError
-from corpusgen.spec import (DEFAULT_MODEL, JobSpec, changed_fields, load_spec, parse_size, spec_from_dict,
+from corpusgen.job.spec import (DEFAULT_MODEL, JobSpec, changed_fields, load_spec, parse_size, spec_from_dict,
                             with_overrides)
 
 

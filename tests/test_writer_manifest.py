@@ -14,11 +14,11 @@ import pytest
 import fake_engine
 from conftest import make_rows, read_outputs, write_job, write_parquet
 from corpusgen.errors import LockedError, OutputError, ResumeMismatch
-from corpusgen.events import JobFinished, JobStarted, JobWarning, RowsCommitted
-from corpusgen.manifest import Manifest, OutputLock, clean_orphans, job_status, read_lock
-from corpusgen.runner import run_job
-from corpusgen.spec import load_spec
-from corpusgen.writer import OutputRow, output_schema, write_part
+from corpusgen.job.events import JobFinished, JobStarted, JobWarning, RowsCommitted
+from corpusgen.job.manifest import Manifest, OutputLock, clean_orphans, job_status, read_lock
+from corpusgen.job.runner import run_job
+from corpusgen.job.spec import load_spec
+from corpusgen.job.writer import OutputRow, output_schema, write_part
 
 SCHEMA = {"type": "object", "properties": {"first": {"type": "string"}, "words": {"type": "integer"}},
           "required": ["first", "words"]}
@@ -196,7 +196,7 @@ def test_lock_of_a_dead_process_does_not_block(tmp_path, corpus):
     """A process killed while holding the lock leaves no stale lock (flock dies with it)."""
     out = tmp_path / "out"
     out.mkdir()
-    code = ("import sys, time; from pathlib import Path; from corpusgen.manifest import OutputLock\n"
+    code = ("import sys, time; from pathlib import Path; from corpusgen.job.manifest import OutputLock\n"
             "with OutputLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).parent.parent)

@@ -91,10 +91,10 @@ def cli() -> None:
 def run(job: str, input_path: str | None, table: str | None, query: str | None, limit: int | None,
         output: str | None, restart: bool, policy: str | None, device: str | None, dummy: bool) -> None:
     """Run JOB.yaml over its input; a second run on the same output directory resumes."""
-    from corpusgen.events import JobStarted
+    from corpusgen.job.events import JobStarted
     from corpusgen.cli.progress import Reporter, summary_line
-    from corpusgen.runner import run_job
-    from corpusgen.spec import load_spec, with_overrides
+    from corpusgen.job.runner import run_job
+    from corpusgen.job.spec import load_spec, with_overrides
 
     spec = with_overrides(load_spec(job), input=input_path, table=table, query=query, output=output,
                           device=device, policy=policy)
@@ -143,7 +143,7 @@ def _plan_line(engine: dict[str, Any], plan: dict[str, Any]) -> str:
 @translate_errors
 def status(directory: str, as_json: bool) -> None:
     """Progress, rates, ETA and failures of a running or stopped job, read from DIR."""
-    from corpusgen.manifest import job_status
+    from corpusgen.job.manifest import job_status
 
     st = job_status(directory)
     if as_json:
@@ -203,7 +203,7 @@ def sql(directory: str, query: str, fmt: str) -> None:
     """Run a DuckDB QUERY over DIR: views outputs, inputs, runs and parts."""
     import duckdb
 
-    from corpusgen.manifest import connect_sql
+    from corpusgen.job.manifest import connect_sql
 
     con = connect_sql(directory)
     try:
@@ -238,7 +238,7 @@ def sql(directory: str, query: str, fmt: str) -> None:
 def models(as_json: bool) -> None:
     """Model presets (shapes for --dummy) and whether the default model is installed."""
     from corpusgen.engine.config import PRESETS
-    from corpusgen.spec import DEFAULT_MODEL, default_model_path
+    from corpusgen.job.spec import DEFAULT_MODEL, default_model_path
 
     path = default_model_path()
     presets = [{"name": c.name, "family": c.family, "layers": c.num_layers, "hidden": c.hidden_size,
@@ -273,4 +273,4 @@ def _params(c: Any) -> int:
 main = cli
 
 
-from corpusgen.cli import planning  # noqa: F401  (registers profile, plan, bench)
+from corpusgen.cli import machine  # noqa: F401  (registers profile, plan, bench)

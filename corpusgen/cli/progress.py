@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from corpusgen.events import Event, JobFinished, JobStarted, JobWarning, RowsCommitted, RunSummary
+from corpusgen.job.events import Event, JobFinished, JobStarted, JobWarning, RowsCommitted, RunSummary
 
 
 def fmt_seconds(s: float | None) -> str:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from corpusgen.engine import decode_attention
+from corpusgen.engine.kernels import decode_attention
 from corpusgen.engine import layers as L
 
 ENABLED = os.environ.get("CORPUSGEN_CUDA_GRAPHS", "1") != "0"

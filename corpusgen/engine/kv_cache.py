@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 from corpusgen.engine import compression as cq
-from corpusgen.engine import kv_copy
+from corpusgen.engine.kernels import kv_copy
 from corpusgen.engine.config import ModelConfig
 from corpusgen.engine.tiers import HostArena
-from corpusgen.policy.policy import Compression
+from corpusgen.planner.policy import Compression
 
 
 class KVCaches:

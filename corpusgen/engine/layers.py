@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from corpusgen.engine import decode_attention, fused_norm
+from corpusgen.engine.kernels import decode_attention, fused_norm
 from corpusgen.engine.config import ModelConfig
 
 

@@ -27,8 +27,8 @@ from corpusgen.engine.schedule import BlockEngine
 from corpusgen.engine.tiers import DiskTier, HostArena
 from corpusgen.engine.weights import dummy_units, iter_units, load_config, resolve_source
 from corpusgen.errors import CorpusgenError, ModelError
-from corpusgen.policy.memory import check_budgets, memory_per_tier
-from corpusgen.policy.policy import Policy
+from corpusgen.planner.memory import check_budgets, memory_per_tier
+from corpusgen.planner.policy import Policy
 
 # Expandable segments: a 16 GiB budget OOMed with 2 GiB reserved-but-fragmented without them.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -251,8 +251,8 @@ def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: boo
     the first prefill or decode step, where it was counted as generation time (OPT-6.7B: a 16.5 ms
     decode step averaged 26.9 ms over 31 steps with one compile inside)."""
     from corpusgen.engine import compression as cq
-    from corpusgen.engine import decode_attention as da
-    from corpusgen.engine import kv_copy
+    from corpusgen.engine.kernels import decode_attention as da
+    from corpusgen.engine.kernels import kv_copy
 
     if compressed:
         x = torch.randn(2, 128, device=device, dtype=dtype)
@@ -261,7 +261,7 @@ def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: boo
     da.packed_warm_up(device, dtype, cfg, compress_kv)
     kv_copy.warm_up(device, dtype, cfg.head_dim)
     if cfg.family == "opt":
-        from corpusgen.engine import fused_norm
+        from corpusgen.engine.kernels import fused_norm
 
         fused_norm.warm_up(device, dtype, cfg.hidden_size)
     torch.cuda.synchronize(device)

@@ -52,8 +52,8 @@ from corpusgen.engine.schedule import BlockEngine, _Batch
 from corpusgen.engine.tiers import DiskTier, HostArena
 from corpusgen.engine.weights import dummy_units, iter_units, load_config, resolve_source, weight_shapes
 from corpusgen.errors import CorpusgenError, ModelError, PolicyError
-from corpusgen.policy.memory import MemoryEstimate, check_budgets, memory_per_tier
-from corpusgen.policy.policy import Policy, PolicyError
+from corpusgen.planner.memory import MemoryEstimate, check_budgets, memory_per_tier
+from corpusgen.planner.policy import Policy, PolicyError
 
 
 @dataclass(frozen=True, kw_only=True)

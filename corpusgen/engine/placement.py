@@ -1,7 +1,7 @@
 """Weight placement: each unit's weights go to the tier the policy gives them, and come back to
 the compute device one unit at a time, prefetched, for the block schedule.
 
-The layers-to-tiers assignment is :func:`corpusgen.policy.memory.realise` — the same function the
+The layers-to-tiers assignment is :func:`corpusgen.planner.memory.realise` — the same function the
 planner's memory accounting uses, so what is planned is what is allocated. ``embed`` and ``head``
 always live on the compute device. Compressed weights are stored and moved compressed
 (``name.data``/``name.mins``/``name.scales`` in a record) and dequantised on the device once per
@@ -17,11 +17,11 @@ from types import ModuleType
 import torch
 
 from corpusgen.engine import compression as cq
-from corpusgen.engine import llama, opt
+from corpusgen.engine.models import llama, opt
 from corpusgen.engine.config import ModelConfig
 from corpusgen.engine.tiers import DiskTier, HostArena, Record
-from corpusgen.policy.memory import realise
-from corpusgen.policy.policy import Policy
+from corpusgen.planner.memory import realise
+from corpusgen.planner.policy import Policy
 
 _PARTS = ("data", "mins", "scales")
 

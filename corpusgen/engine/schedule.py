@@ -60,14 +60,15 @@ from typing import Iterator, Sequence
 import torch
 
 from corpusgen.engine import compression as cq
-from corpusgen.engine import decode_attention, decode_graph, kv_cache
+from corpusgen.engine.kernels import decode_attention
+from corpusgen.engine import decode_graph, kv_cache
 from corpusgen.engine import layers as L
 from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
 from corpusgen.engine.placement import WeightStore, family_of
 from corpusgen.engine.sampling import find_stop, row_generator, sample, stop_in_tail
 from corpusgen.engine.streams import HostCopy, Streams, handoff, on, onto_device, to_host
-from corpusgen.policy.policy import Policy
+from corpusgen.planner.policy import Policy
 
 
 RUN_AHEAD = int(os.environ.get("CORPUSGEN_RUN_AHEAD", "2"))

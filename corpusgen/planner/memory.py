@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 
 from corpusgen.engine.config import ModelConfig
 from corpusgen.errors import BudgetError
-from corpusgen.policy.policy import Compression, Policy
+from corpusgen.planner.policy import Compression, Policy
 
 GIB = 2**30
 
@@ -187,7 +187,7 @@ class RealisedPlacement:
 
     def as_policy(self, policy: Policy) -> Policy:
         """``policy`` with its fractions replaced by the realised ones (it realises to ``self``)."""
-        from corpusgen.policy.policy import Placement
+        from corpusgen.planner.policy import Placement
 
         n = self.num_layers
         g, c = len(self.weights_gpu), len(self.weights_cpu)
@@ -260,7 +260,7 @@ def memory_terms(config: ModelConfig, policy: Policy, prompt_len: int, gen_len: 
     hidden = B * c * config.hidden_size * dtype_bytes
     # A 4-bit cache the packed kernel takes is attended in place (on CUDA), so a layer's loads are
     # queued for every GPU batch at once, one layer ahead: num_gpu_batches + 1 batches' KV, not 2.
-    from corpusgen.engine.decode_attention import packed_fits
+    from corpusgen.engine.kernels.decode_attention import packed_fits
 
     staged = policy.num_gpu_batches + 1 if packed_fits(config, ck) else 2
     t = {

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from corpusgen.errors import ModelError, PolicyError
-from corpusgen.policy.hardware import (
+from corpusgen.planner.hardware import (
     BUILTIN,
     HardwareProfile,
     default_path,
@@ -272,8 +272,8 @@ def dtype_bytes_for(device: str, dtype: str | None = None) -> int:
 def estimate_prompt_len(spec, tokenizer, *, max_context: int, limit: int | None = None) -> int | None:
     """Tokens of the longest of the job's first prompts, rounded up to a multiple of 64 (capped by
     the context); None when no row of the sample makes a prompt."""
-    from corpusgen.prompts import PromptBuilder
-    from corpusgen.readers import batch_records, open_input
+    from corpusgen.job.prompts import PromptBuilder
+    from corpusgen.job.readers import batch_records, open_input
 
     builder = PromptBuilder(spec.prompt, tokenizer, max_context=max_context,
                             max_new_tokens=spec.generation.max_new_tokens)
@@ -298,7 +298,7 @@ def plan_model(config, *, profile: ProfileChoice, device: str, prompt_len: int, 
                dtype_bytes: int = 2, allow_compression: bool = True, rows: int | None = None,
                notes: tuple[str, ...] = ()) -> PlanReport:
     """Fill unset budgets, run the optimizer, return the report (BudgetError when nothing fits)."""
-    from corpusgen.policy.optimizer import plan
+    from corpusgen.planner.optimizer import plan
 
     if prompt_len < 1 or gen_len < 1:
         raise PolicyError(f"prompt_len and gen_len must be ≥ 1, got {prompt_len} and {gen_len}")
@@ -364,9 +364,9 @@ def evaluate(config, policy, *, profile: ProfileChoice, device: str, prompt_len:
              dtype_bytes: int = 2, gpu_budget: int | None = None, cpu_budget: int | None = None,
              notes: tuple[str, ...] = ()) -> PlanReport:
     """The report of a given policy (cost and memory models only; no optimizer, no budget check)."""
-    from corpusgen.policy.cost_model import block_time
-    from corpusgen.policy.memory import memory_per_tier, realise
-    from corpusgen.policy.optimizer import Plan
+    from corpusgen.planner.cost_model import block_time
+    from corpusgen.planner.memory import memory_per_tier, realise
+    from corpusgen.planner.optimizer import Plan
 
     r = realise(policy, config)
     bt = block_time(config, policy, profile.profile, prompt_len, gen_len, dtype_bytes, placement=r)
@@ -434,7 +434,7 @@ def _input_rows(spec) -> int | None:
     if spec.input.path is None:
         return None
     try:
-        from corpusgen.readers import open_input
+        from corpusgen.job.readers import open_input
 
         return open_input(spec.input).total_rows
     except CorpusgenError:

@@ -90,7 +90,7 @@ class OutputSpec:
 
     schema: Mapping[str, Any] | None = None
     """JSON Schema of the answer: constrained decoding, validation, typed ``out_*`` columns
-    (corpusgen.structured, corpusgen.columns). An enum-only schema is a classification: the answer
+    (corpusgen.job.structured, corpusgen.job.columns). An enum-only schema is a classification: the answer
     is one of its labels, bare."""
     regex: str | None = None
     """Regular expression the whole answer must match (constrained decoding); not with ``schema``."""
@@ -142,7 +142,7 @@ class EngineSpec:
 
     def resolve_policy(self):
         """The Policy this spec names, or None for ``auto`` (imports nothing heavy)."""
-        from corpusgen.policy.policy import load_policy, policy_from_dict
+        from corpusgen.planner.policy import load_policy, policy_from_dict
 
         if isinstance(self.policy, Mapping):
             return policy_from_dict(self.policy)
@@ -319,7 +319,7 @@ def _refs(schema: Any) -> Iterator[str]:
 
 def _policy(value: Any, path: str) -> str | Mapping[str, Any]:
     if isinstance(value, Mapping):
-        from corpusgen.policy.policy import policy_from_dict
+        from corpusgen.planner.policy import policy_from_dict
 
         try:
             policy_from_dict(value)

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from corpusgen.engine import decode_attention as _da
+from corpusgen.engine.kernels import decode_attention as _da
 
 triton, tl = _da.triton, _da.tl
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from corpusgen.errors import LockedError, OutputError
-from corpusgen.ranks import parse_rank_dir
-from corpusgen.writer import PartInfo, part_number
+from corpusgen.job.ranks import parse_rank_dir
+from corpusgen.job.writer import PartInfo, part_number
 
 MANIFEST = "manifest.sqlite"
 LOCK = "lock"
@@ -201,7 +201,7 @@ def prepare_dir(out_dir: Path) -> None:
 
 
 def rank_dirs(out_dir: Path) -> list[tuple[Path, int, int]]:
-    """The ``rank-<r>-of-<w>`` directories of a data-parallel job (corpusgen.ranks), as
+    """The ``rank-<r>-of-<w>`` directories of a data-parallel job (corpusgen.job.ranks), as
     (path, rank, world), ordered by world then rank."""
     found = []
     for p in Path(out_dir).iterdir() if Path(out_dir).is_dir() else ():
@@ -408,7 +408,7 @@ def _state_rank(state: str) -> int:
 def job_status(out_dir: str | Path) -> dict[str, Any]:
     """Figures of a running or stopped job, from disk: progress, totals, lock holders, runs.
 
-    A data-parallel job (corpusgen.ranks) is summed over every manifest of DIR; ``ranks`` has one
+    A data-parallel job (corpusgen.job.ranks) is summed over every manifest of DIR; ``ranks`` has one
     entry per directory that ran. The state is that of the latest launch (its world size): running
     while any process holds a lock, else the worst of its ranks (dead, failed, interrupted, finished)."""
     out = Path(out_dir)
@@ -457,7 +457,7 @@ def connect_sql(out_dir: str | Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from corpusgen.writer import output_schema
+    from corpusgen.job.writer import output_schema
 
     out = Path(out_dir)
     m = Manifest(out, readonly=True)
@@ -484,7 +484,7 @@ def connect_sql(out_dir: str | Path):
     if files:
         con.execute(f"CREATE VIEW outputs AS SELECT * FROM read_parquet({_sql_list(files)})")
     else:
-        from corpusgen.columns import typed_fields
+        from corpusgen.job.columns import typed_fields
 
         schema = job["spec"].get("output", {}).get("schema") if job else None
         con.register("outputs", output_schema(schema is not None, typed_fields(schema)).empty_table())
@@ -506,7 +506,7 @@ def _sql_str(s: str) -> str:
 
 
 def _inputs_view(con: Any, inp: Mapping[str, Any]) -> None:
-    from corpusgen.spec import InputSpec
+    from corpusgen.job.spec import InputSpec
 
     spec = InputSpec(**{**inp, "columns": tuple(inp.get("columns") or ())})
     try:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from corpusgen.engine.config import ModelConfig
-from corpusgen.engine.fused_norm import add_layer_norm
+from corpusgen.engine.kernels.fused_norm import add_layer_norm
 from corpusgen.engine.layers import layer_norm, linear, merge_heads, split_heads
 
 Weights = dict[str, torch.Tensor]

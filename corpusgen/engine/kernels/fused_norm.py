@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from corpusgen.engine import decode_attention as _da
+from corpusgen.engine.kernels import decode_attention as _da
 
 triton, tl = _da.triton, _da.tl
 

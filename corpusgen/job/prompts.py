@@ -19,7 +19,7 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from corpusgen.errors import TemplateError
-from corpusgen.spec import PromptSpec
+from corpusgen.job.spec import PromptSpec
 
 ELLIPSIS = "…"
 

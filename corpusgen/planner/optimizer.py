@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 from corpusgen.engine.config import ModelConfig
 from corpusgen.errors import BudgetError
-from corpusgen.policy.cost_model import CostBreakdown, block_time, step_terms
-from corpusgen.policy.hardware import HardwareProfile
-from corpusgen.policy.memory import (
+from corpusgen.planner.cost_model import CostBreakdown, block_time, step_terms
+from corpusgen.planner.hardware import HardwareProfile
+from corpusgen.planner.memory import (
     GIB,
     MemoryEstimate,
     RealisedPlacement,
@@ -47,7 +47,7 @@ from corpusgen.policy.memory import (
     memory_terms,
     realise,
 )
-from corpusgen.policy.policy import Compression, Placement, Policy
+from corpusgen.planner.policy import Compression, Placement, Policy
 
 GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 NUM_GPU_BATCHES = tuple(range(1, 9))

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from corpusgen.columns import typed_fields, typed_values
+from corpusgen.job.columns import typed_fields, typed_values
 from corpusgen.engine.api import Result
-from corpusgen.events import JobWarning
-from corpusgen.prompts import Prompt
-from corpusgen.spec import JobSpec
-from corpusgen.writer import OutputRow
+from corpusgen.job.events import JobWarning
+from corpusgen.job.prompts import Prompt
+from corpusgen.job.spec import JobSpec
+from corpusgen.job.writer import OutputRow
 
 
 def strip_fence(text: str) -> str:
@@ -40,7 +40,7 @@ class RowMaker:
         self.labels = frozenset(labels) if labels else None  # an enum-only schema: the answer is a bare label
         self.regex = python_regex(regex)
         self.typed = typed
-        self.grammar = grammar  # corpusgen.structured.Grammar when decoding is constrained
+        self.grammar = grammar  # corpusgen.job.structured.Grammar when decoding is constrained
 
     def decided(self, p: Prompt) -> OutputRow:
         return OutputRow(key=p.key, status=p.status, error=p.error, prompt_tokens=p.prompt_tokens,
@@ -95,7 +95,7 @@ def answer_format(spec: JobSpec):
     """The constraint and typed columns of ``spec.output``, checked before the engine loads."""
     if spec.output.schema is None and spec.output.regex is None:
         return None, []
-    from corpusgen.structured import compile_constraint
+    from corpusgen.job.structured import compile_constraint
 
     return compile_constraint(spec.output.schema, spec.output.regex), typed_fields(spec.output.schema)
 
@@ -114,6 +114,6 @@ def bind_grammar(constraint: Any, engine: Any, emit) -> Any:
         emit(JobWarning(message=f"{getattr(tok, 'name', type(tok).__name__)}: this tokenizer cannot drive "
                                 "constrained decoding; answers are validated only"))
         return None
-    from corpusgen.structured import Grammar
+    from corpusgen.job.structured import Grammar
 
     return Grammar(constraint, tok, eos_ids=eos)

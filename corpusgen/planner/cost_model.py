@@ -33,9 +33,9 @@ from collections import Counter
 from dataclasses import dataclass, fields
 
 from corpusgen.engine.config import ModelConfig
-from corpusgen.policy.hardware import GB, HardwareProfile
-from corpusgen.policy.memory import RealisedPlacement, kv_layer_bytes, layer_matmul_params, layer_weight_bytes, realise
-from corpusgen.policy.policy import Policy
+from corpusgen.planner.hardware import GB, HardwareProfile
+from corpusgen.planner.memory import RealisedPlacement, kv_layer_bytes, layer_matmul_params, layer_weight_bytes, realise
+from corpusgen.planner.policy import Policy
 
 
 HOST_OVERHEAD_S = 5.2e-4

@@ -2,7 +2,7 @@
 
 A part is written as ``part-NNNNN.parquet.tmp``, flushed and fsynced, renamed to
 ``part-NNNNN.parquet``, and the directory is fsynced; only then does the runner record it in the
-manifest (corpusgen.manifest). A crash before the manifest commit leaves a file the manifest does
+manifest (corpusgen.job.manifest). A crash before the manifest commit leaves a file the manifest does
 not know, which the next run deletes.
 """
 
@@ -53,7 +53,7 @@ class OutputRow:
     run_id: str = ""
     """The run that generated the row."""
     typed: Mapping[str, Any] | None = None
-    """Values of the typed answer columns (``out_*`` or ``out``, corpusgen.columns) of an ok row."""
+    """Values of the typed answer columns (``out_*`` or ``out``, corpusgen.job.columns) of an ok row."""
 
     def __post_init__(self) -> None:
         assert self.status in STATUSES, self.status
@@ -61,7 +61,7 @@ class OutputRow:
 
 def output_schema(with_json: bool, typed: Sequence[pa.Field] = ()) -> pa.Schema:
     """The Arrow schema of every part of a job (``json`` only when the job has an output schema,
-    followed by the ``typed`` answer columns of corpusgen.columns.typed_fields)."""
+    followed by the ``typed`` answer columns of corpusgen.job.columns.typed_fields)."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 
 from corpusgen.errors import InputError, JobSpecError
-from corpusgen.spec import InputSpec
+from corpusgen.job.spec import InputSpec
 
 
 @dataclass(frozen=True, kw_only=True)

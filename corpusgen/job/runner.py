@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import inspect
 import json
 import os
@@ -26,40 +25,29 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from corpusgen.columns import describe as describe_columns
+from corpusgen.job.columns import describe as describe_columns
 from corpusgen.engine.api import Request
 from corpusgen.errors import CorpusgenError, LockedError, ModelError, ResumeMismatch
-from corpusgen.events import (Event, JobFinished, JobStarted, JobWarning, RateWindow, RowsCommitted,
+from corpusgen.job.events import (Event, JobFinished, JobStarted, JobWarning, RateWindow, RowsCommitted,
                               RunSummary)
-from corpusgen.manifest import (LOCK, PROGRESS, Manifest, OutputLock, check_not_lost, clean_orphans, manifest_dirs,
+from corpusgen.job.manifest import (LOCK, PROGRESS, Manifest, OutputLock, check_not_lost, clean_orphans, manifest_dirs,
                                 move_aside, now_iso, prepare_dir, rank_dirs, read_lock, verify_parts)
-from corpusgen.prompts import Prompt, PromptBuilder, check_columns, compile_template
-from corpusgen.ranks import Ranks, StartGroup
-from corpusgen.readers import RowBatch, batch_records, open_input
-from corpusgen.spec import JobSpec, changed_fields, fingerprint_of, with_overrides
-from corpusgen.writer import OutputRow, output_schema, write_json_atomic, write_part
-from corpusgen.answers import RowMaker as _RowMaker
-from corpusgen.answers import answer_format as _answer_format
-from corpusgen.answers import bind_grammar as _grammar
-from corpusgen.safety import free_memory, is_oom, signals_as_interrupt, uninterrupted
+from corpusgen.job.prompts import Prompt, PromptBuilder, check_columns, compile_template
+from corpusgen.job.ranks import Ranks, StartGroup
+from corpusgen.job.readers import RowBatch, batch_records, open_input
+from corpusgen.job.spec import JobSpec, changed_fields, fingerprint_of, with_overrides
+from corpusgen.job.writer import OutputRow, output_schema, write_json_atomic, write_part
+from corpusgen.job.answers import RowMaker as _RowMaker
+from corpusgen.job.answers import answer_format as _answer_format
+from corpusgen.job.answers import bind_grammar as _grammar
+from corpusgen.job.safety import free_memory, is_oom, signals_as_interrupt, uninterrupted
 
-FAKE_ENGINE_ENV = "CORPUSGEN_FAKE_ENGINE"
 DEFAULT_BLOCK = 32
 _MAX_DUP_WARNINGS = 3
 
 
 def default_engine_factory() -> Callable[..., Any]:
-    """corpusgen.engine.load.open_engine, or — for tests only — the fake engine named by
-    ``CORPUSGEN_FAKE_ENGINE`` (``1`` = tests/fake_engine.py of this checkout, or a .py file path)."""
-    fake = os.environ.get(FAKE_ENGINE_ENV)
-    if fake:
-        path = Path(__file__).resolve().parent.parent / "tests" / "fake_engine.py" if fake == "1" else Path(fake)
-        spec = importlib.util.spec_from_file_location("corpusgen_fake_engine", path)
-        if spec is None or not path.is_file():
-            raise ModelError(f"{FAKE_ENGINE_ENV}={fake}: no such file {path}; unset it to use the real engine")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.open_engine
+    """corpusgen.engine.load.open_engine (imported here: the job layer never imports torch itself)."""
     try:
         from corpusgen.engine.load import open_engine
     except ImportError as e:
@@ -68,7 +56,7 @@ def default_engine_factory() -> Callable[..., Any]:
 
 
 def _policy_with_compress(policy, compress: str):
-    from corpusgen.policy.policy import Compression
+    from corpusgen.planner.policy import Compression
 
     if compress == "auto":
         return policy
@@ -116,11 +104,11 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
     ``policy`` (a Policy) overrides the spec's ``engine.policy``; ``engine_factory`` has the
     signature of corpusgen.engine.load.open_engine (default: :func:`default_engine_factory`).
     With policy ``auto``, ``plan_auto`` (default: when the real engine is used) plans the policy
-    with corpusgen.planning.plan_run and records its predicted throughput (unless
+    with corpusgen.planner.plan.plan_run and records its predicted throughput (unless
     ``predicted_tps`` is given); otherwise the engine factory gets ``policy=None``.
     ``ranks`` (default: from torchrun's environment) makes this process one rank of a data-parallel
     launch: it generates only the rows whose key hashes to it, in ``DIR/rank-<r>-of-<w>``
-    (corpusgen.ranks).
+    (corpusgen.job.ranks).
     Raises a CorpusgenError for anything the user can fix; re-raises KeyboardInterrupt after
     recording the interrupted run.
     """
@@ -138,7 +126,7 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
     if policy is None:
         policy = spec.engine.resolve_policy()
     if plan_auto is None:
-        plan_auto = engine_factory is None and not os.environ.get(FAKE_ENGINE_ENV)
+        plan_auto = engine_factory is None
     plan_auto = plan_auto and policy is None
     fields = {**spec.fingerprint_fields(), "weights": "dummy" if dummy else "real"}
     fingerprint = spec.fingerprint(weights=fields["weights"])
@@ -183,7 +171,7 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
                 emit(JobWarning(message=f"committed part {name} is missing: its rows will be generated again"))
             plan = None
             if plan_auto:
-                from corpusgen.planning import plan_run
+                from corpusgen.planner.plan import plan_run
 
                 plan = plan_run(spec, dummy=dummy, rows=reader.total_rows, limit=limit)
                 policy = plan.policy

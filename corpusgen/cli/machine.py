@@ -18,7 +18,7 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
     if value is None:
         return None
     from corpusgen.errors import JobSpecError
-    from corpusgen.spec import parse_size
+    from corpusgen.job.spec import parse_size
 
     try:
         return parse_size(value, param.opts[0])
@@ -66,7 +66,7 @@ def profile(device: str, out: str | None, offload_dir: str | None, remeasure: bo
     """Measure this machine (link bandwidths, disk, matmul and attention rates) for the planner."""
     from rich.table import Table
 
-    from corpusgen.planning import measure_profile
+    from corpusgen.planner.plan import measure_profile
 
     console = _console()
     prof, path, reused = measure_profile(device, out=out, offload_dir=offload_dir, remeasure=remeasure, quick=quick)
@@ -114,7 +114,7 @@ def plan(job: str | None, model: str | None, dummy: bool, gpu_mem: int | None, c
          disk: str | None, prompt_len: int | None, gen_len: int | None, rows: int | None, profile: str | None,
          device: str | None, no_compression: bool, output: str | None) -> None:
     """Choose a policy for JOB.yaml (or --model) within the memory budgets; predict throughput and ETA."""
-    from corpusgen.planning import (
+    from corpusgen.planner.plan import (
         DEFAULT_PROMPT_LEN,
         disk_free,
         dtype_bytes_for,
@@ -127,7 +127,7 @@ def plan(job: str | None, model: str | None, dummy: bool, gpu_mem: int | None, c
     if (job is None) == (model is None):
         raise click.UsageError("give JOB.yaml or --model M (one of them)")
     if job is not None:
-        from corpusgen.spec import load_spec
+        from corpusgen.job.spec import load_spec
 
         report = plan_job(load_spec(job), prompt_len=prompt_len, gen_len=gen_len, rows=rows, profile=profile,
                           gpu_budget=gpu_mem, cpu_budget=cpu_mem, offload_dir=disk,
@@ -150,7 +150,7 @@ def plan(job: str | None, model: str | None, dummy: bool, gpu_mem: int | None, c
     console = _console()
     _render_plan(console, report)
     if output:
-        from corpusgen.policy.policy import dump_policy
+        from corpusgen.planner.policy import dump_policy
 
         dump_policy(report.policy, output, comment=report.header())
         console.print(f"wrote {output}; use it with: corpusgen run JOB.yaml --policy {output}")
@@ -241,7 +241,7 @@ def bench(model: str, dummy: bool, prompt_len: int, gen_len: int, num_seqs: int 
     """FlexGen's workload (every row generates gen_len tokens), timed end to end; predicted vs measured."""
     from corpusgen.bench import run_bench
     from corpusgen.engine.weights import load_config
-    from corpusgen.planning import (
+    from corpusgen.planner.plan import (
         HOST_SHARE,
         disk_free,
         dtype_bytes_for,
@@ -251,8 +251,8 @@ def bench(model: str, dummy: bool, prompt_len: int, gen_len: int, num_seqs: int 
         resolve_profile,
         run_device,
     )
-    from corpusgen.policy.policy import load_policy
-    from corpusgen.ranks import Ranks
+    from corpusgen.planner.policy import load_policy
+    from corpusgen.job.ranks import Ranks
 
     ranks = Ranks.from_env()
     ranks.select_gpu(device)

@@ -1,0 +1,2 @@
+"""The job layer: a spec, its input, prompts, the engine's answers as typed rows, and the parts
+and manifest that make a run resumable. ``runner.run_job`` is the pipeline; nothing here prints."""

@@ -1,1 +1,0 @@
-"""Policies (where tensors live, how the batch is cut), hardware profiles, cost model, optimizer."""
