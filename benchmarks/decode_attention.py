@@ -12,7 +12,7 @@ difference from a float64 reference.
 
 ``--packed`` instead times the 4-bit kernels at OPT-30B's offloaded decode shape (64 rows x 56
 heads x 544 columns, seq-major as loaded from the host): ``packed_decode_attention`` over its
-tile/warp grid, dequantise-then-attend for comparison, and ``compression.dequantize_triton`` on
+tile/warp grid, dequantise-then-attend for comparison, and ``kernels.dequantize.dequant4`` on
 the model's weight matrices and that KV cache.
 """
 
@@ -86,7 +86,7 @@ def packed(iters: int, out: Path) -> None:
     for name, shape in (("fc1", (4 * 7168, 7168)), ("fc2", (7168, 4 * 7168)), ("q", (7168, 7168)), ("kv", (n, b, h, d))):
         p = cq.quantize(torch.randn(shape, device=dev, dtype=dt), 4, gs)
         dst = torch.empty(shape, device=dev, dtype=dt)
-        ms, _ = timed(lambda: cq.dequantize_triton(p, dst), iters)
+        ms, _ = timed(lambda: dequant4(*p.buffers, p.group_size, dst), iters)
         moved = dst.numel() * 2.5 + p.mins.numel() * 4  # fp16 out, 4-bit in, fp16 mins and scales
         rec[f"dequant_{name}_ms"] = round(ms, 4)
         print(f"dequantise {name} {tuple(shape)}: {ms:.3f} ms ({moved / ms / 1e6:.0f} GB/s)")

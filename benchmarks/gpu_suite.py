@@ -36,7 +36,6 @@ def check() -> None:
 
     from corpusgen.engine.kernels import decode_attention
 
-    print("triton self-check:", cq._selfcheck_triton())
     print("decode attention self-check:", decode_attention.selfcheck())
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [3], [40, 41, 42], [7, 7, 7, 7]]
     reqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(prompts)]

@@ -93,13 +93,9 @@ def run_bench(model: str, *, dummy: bool = True, prompt_len: int = 512, gen_len:
 def _open(model, stage, dummy, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, prompt_len, gen_len, seed):
     kw = dict(dummy=dummy, device=device, dtype=dtype, policy=policy, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
               offload_dir=offload_dir, prompt_len=prompt_len, gen_len=gen_len, seed=seed)
-    if stage is None:
-        from corpusgen.engine.load import open_engine
+    from corpusgen.engine.load import open_engine
 
-        return open_engine(model, **kw)
-    from corpusgen.engine.pipeline import open_stage
-
-    return open_stage(model, stage=stage, **kw)
+    return open_engine(model, stage=stage, **kw)
 
 
 def _bench_ranks(model, ranks, stages, dummy, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, prompt_len,

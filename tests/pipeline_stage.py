@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from corpusgen.engine.api import Request, SamplingSettings
-from corpusgen.engine.load import IdTokenizer
-from corpusgen.engine.pipeline import open_stage, split_layers
+
+from corpusgen.engine.load import IdTokenizer, open_engine
+from corpusgen.engine.pipeline import split_layers
 from corpusgen.engine.weights import load_config
 from corpusgen.planner.policy import Policy
 
@@ -30,14 +31,14 @@ def generate(engine, prompts, sampling: dict, eos) -> dict[str, list]:
 
 
 def main(rank: int, world: int, port: int, models: dict, cases: dict, out: str) -> None:
-    """Every case through open_stage as stage ``rank``; results to out/rank-N.json."""
+    """Every case through open_engine as stage ``rank``; results to out/rank-N.json."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     results = {}
     for name, (family, pol, sampling, prompts, eos) in cases.items():
         stage = split_layers(load_config(models[family]).num_layers, world)[rank]
-        eng = open_stage(models[family], stage=stage, dtype="float32", device="cpu", tokenizer=IdTokenizer(99),
+        eng = open_engine(models[family], stage=stage, dtype="float32", device="cpu", tokenizer=IdTokenizer(99),
                          offload_dir=f"{out}/off-{rank}", policy=Policy(**pol))
         results[name] = generate(eng, prompts, sampling, eos)
         eng.close()

@@ -33,7 +33,7 @@ def test_attend_routes_single_queries_on_multi_head_caches_through_the_kernel(mo
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.125,
                                          enable_gqa=heads != kv_heads)
     assert (got.float() - ref).abs().max().item() < 2e-3
-    monkeypatch.setattr(da, "ENABLED", False)
+    monkeypatch.setattr(da, "usable", lambda q, k: False)  # the reference path: PyTorch's SDPA
     calls.clear()
     L.attend(q, k, v, mask, 0.125)
     assert not calls
@@ -82,8 +82,10 @@ def test_engine_decodes_alike_with_the_kernel_and_with_sdpa(monkeypatch, tmp_pat
     real = da.decode_attention
     monkeypatch.setattr(da, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
 
+    real_usable = da.usable
+
     def run(enabled):
-        monkeypatch.setattr(da, "ENABLED", enabled)
+        monkeypatch.setattr(da, "usable", real_usable if enabled else (lambda q, k: False))
         eng = open_engine(str(tmp_path), dtype="float16", device="cuda", tokenizer=IdTokenizer(99),
                           policy=Policy(gpu_batch_size=3, num_gpu_batches=2))
         eng.block.eos = set()
@@ -133,8 +135,10 @@ def test_engine_attends_a_4bit_cache_in_place_like_dequantised(monkeypatch, tmp_
     real = da.packed_decode_attention
     monkeypatch.setattr(da, "packed_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
 
+    real_usable = da.packed_usable
+
     def run(enabled):
-        monkeypatch.setattr(da, "PACKED_ENABLED", enabled)
+        monkeypatch.setattr(da, "packed_usable", real_usable if enabled else (lambda *a: False))
         eng = open_engine(str(tmp_path), dtype="float16", device="cuda", tokenizer=IdTokenizer(99),
                           policy=Policy(gpu_batch_size=3, num_gpu_batches=2, prefill_chunk=chunk,
                                         kv_cache=Placement(gpu=float(kv == "gpu"), cpu=float(kv == "cpu")),
@@ -149,7 +153,7 @@ def test_engine_attends_a_4bit_cache_in_place_like_dequantised(monkeypatch, tmp_
     assert calls, "the engine's decode steps did not attend from the packed cache"
     n = len(calls)
     ref = run(False)
-    assert len(calls) == n, "PACKED_ENABLED=False still used the packed kernel"
+    assert len(calls) == n, "the dequantising path still used the packed kernel"
     scale = ref.abs().max().item()
     assert (ours - ref).abs().max().item() <= 2e-2 * scale, (ours - ref).abs().max().item()
 
@@ -211,8 +215,7 @@ def test_decode_graphs_compute_what_the_eager_steps_compute(monkeypatch, tmp_pat
     monkeypatch.setattr(KVCaches, "alloc", nan_alloc)
 
     def run(graphs):
-        monkeypatch.setattr(decode_graph, "ENABLED", graphs)
-        policy = Policy(gpu_batch_size=4, num_gpu_batches=2, refill=refill, shared_prefix=prefix)
+        policy = Policy(gpu_batch_size=4, num_gpu_batches=2, refill=refill, shared_prefix=prefix, cuda_graphs=graphs)
         eng = open_engine(str(tmp_path), dtype="float16", device="cuda", tokenizer=IdTokenizer(99), policy=policy)
         assert (eng.block.graphs is not None) == graphs
         hook = Hook()
@@ -242,6 +245,7 @@ def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch, tmp_path):
     from corpusgen.engine import decode_graph
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import IdTokenizer, open_engine
+    from corpusgen.planner.policy import Policy
 
     torch.manual_seed(0)
     OPTForCausalLM(OPTConfig(vocab_size=99, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, ffn_dim=512,
@@ -249,17 +253,16 @@ def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch, tmp_path):
                              pad_token_id=0)).save_pretrained(tmp_path)
     reqs = [Request(key=str(i), prompt_ids=[5 + i + j % 7 for j in range(3 + 5 * i)]) for i in range(4)]
 
-    def run():
-        eng = open_engine(str(tmp_path), dtype="float16", device="cuda", tokenizer=IdTokenizer(99))
+    def run(graphs):
+        eng = open_engine(str(tmp_path), dtype="float16", device="cuda", tokenizer=IdTokenizer(99),
+                          policy=Policy(cuda_graphs=graphs))
         eng.block.eos = set()
         out = {r.key: r.token_ids for r in eng.generate(reqs, SamplingSettings(max_new_tokens=8))}
         graphs = eng.block.graphs
         eng.close()
         return out, graphs
 
-    monkeypatch.setattr(decode_graph, "ENABLED", False)
-    eager, _ = run()
-    monkeypatch.setattr(decode_graph, "ENABLED", True)
+    eager, _ = run(False)
     real = decode_graph._decode_step
 
     def uncapturable(*a):
@@ -269,7 +272,7 @@ def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch, tmp_path):
 
     monkeypatch.setattr(decode_graph, "_decode_step", uncapturable)
     with pytest.warns(RuntimeWarning, match="could not be captured"):
-        got, graphs = run()
+        got, graphs = run(True)
     assert graphs is None
     assert got == eager
 
@@ -335,8 +338,11 @@ def test_engine_prefill_copies_give_the_same_tokens(monkeypatch, tmp_path, cpu_a
     monkeypatch.setattr(kv_copy, "tile_copy_", lambda *a, **k: calls.append("tile") or real_tile(*a, **k))
     monkeypatch.setattr(kv_copy, "copy_to_host_2d", lambda *a: calls.append("2d") or real_2d(*a))
 
+    usable = kv_copy.tile_copy_usable, kv_copy.host_2d_usable
+
     def run(enabled):
-        monkeypatch.setattr(kv_copy, "ENABLED", enabled)
+        monkeypatch.setattr(kv_copy, "tile_copy_usable", usable[0] if enabled else (lambda *a: False))
+        monkeypatch.setattr(kv_copy, "host_2d_usable", usable[1] if enabled else (lambda *a: False))
         eng = open_engine(str(tmp_path), dtype="float32", device="cuda", tokenizer=IdTokenizer(99),
                           policy=Policy(gpu_batch_size=3, num_gpu_batches=2, **placement))
         eng.block.eos = set()
@@ -390,14 +396,11 @@ def test_opt_mlp_epilogue_and_fused_qkv_match_the_plain_path(monkeypatch):
         ("fc1", (cfg.ffn_dim, h)), ("fc1_bias", (cfg.ffn_dim,)), ("fc2", (h, cfg.ffn_dim)), ("fc2_bias", (h,)))}
     x = torch.randn(2, 2600, h, generator=g).cuda().half()  # 5200 tokens: a prefill
     attn = torch.randn(2, cfg.num_heads, 2600, cfg.head_dim, generator=g).cuda().half()
-    monkeypatch.setattr(opt, "FC1_EPILOGUE", True)
-    fused = opt.post_attention(cfg, w, x, attn)
-    monkeypatch.setattr(opt, "MLP_ROWS", 2048)  # the MLP over row chunks (the last one short)
-    chunked = opt.post_attention(cfg, w, x, attn)
+    fused = opt.post_attention(cfg, w, x, attn)  # a CUDA half prefill: fc1's ReLU in the epilogue
+    chunked = opt.post_attention(cfg, w, x, attn, mlp_rows=2048)  # the MLP over row chunks (the last one short)
     assert (chunked.float() - fused.float()).abs().max().item() <= 4e-3 * (fused.abs().max().item() + 1)
-    monkeypatch.setattr(opt, "MLP_ROWS", 0)
-    monkeypatch.setattr(opt, "FC1_EPILOGUE", False)
-    plain = opt.post_attention(cfg, w, x, attn)
+    wf32 = {n: t.float() for n, t in w.items()}
+    plain = opt.post_attention(cfg, wf32, x.float(), attn.float())  # fp32: a separate ReLU
     assert (fused.float() - plain.float()).abs().max().item() <= 4e-3 * (plain.abs().max().item() + 1)
     step = torch.randn(128, 1, h, generator=g).cuda().half()  # a decode step
     separate = opt.pre_attention(cfg, w, step, None)

@@ -117,9 +117,9 @@ def test_prompt_step_runs_the_last_layer_for_the_last_column_only(tiny, monkeypa
     fam, seen = eng.block.fam, []
     real = fam.post_attention
 
-    def spy(cfg, w, h, attn):
+    def spy(cfg, w, h, attn, **kw):
         seen.append(tuple(h.shape[:2]))
-        return real(cfg, w, h, attn)
+        return real(cfg, w, h, attn, **kw)
 
     monkeypatch.setattr(fam, "post_attention", spy)
     assert _generate(eng, n=3) == _hf_greedy(hf, n=3)
@@ -517,23 +517,17 @@ def test_shared_prefix_choice(tiny):
 
 
 def test_chunked_mlp_equals_whole(tiny):
-    """The SwiGLU MLP in token chunks (to bound its intermediates) computes what it does whole."""
+    """The MLP over token chunks (policy.mlp_rows, to bound its intermediates) computes what it
+    does whole, in every family."""
     name, hf, path = tiny
-    if name != "llama":
-        pytest.skip("the chunked MLP is the llama family's")
-    from corpusgen.engine import layers
-    from corpusgen.engine.models import llama
+    from corpusgen.engine.placement import family_of
 
     cfg = load_config(path)
+    fam = family_of(cfg)
     w = dict(iter_units(path, cfg, dtype=torch.float32))["layer.0"]
     h, attn = torch.randn(3, 7, cfg.hidden_size), torch.randn(3, cfg.num_heads, 7, cfg.head_dim)
-    whole = llama.post_attention(cfg, w, h, attn)
-    old = layers.MLP_CHUNK_TOKENS
-    try:
-        llama.chunked.__defaults__ = (4,)  # 21 tokens in chunks of 4
-        assert torch.allclose(llama.post_attention(cfg, w, h, attn), whole, atol=1e-6)
-    finally:
-        llama.chunked.__defaults__ = (old,)
+    whole = fam.post_attention(cfg, w, h, attn)
+    assert torch.allclose(fam.post_attention(cfg, w, h, attn, mlp_rows=4), whole, atol=1e-6)  # 21 tokens by 4
 
 
 @pytest.mark.parametrize("prefix", [0, 3])

@@ -138,11 +138,11 @@ def _compare(models, tmp_path) -> None:
 def test_one_stage_is_the_plain_engine(models, tmp_path):
     """A pipeline of one stage (no process group: nothing is sent) runs the turn loop alone and
     equals the plain engine, with rows ending early and refill."""
-    from corpusgen.engine.pipeline import open_stage
+    from corpusgen.engine.load import open_engine
 
     prompts, pol = MANY, {"gpu_batch_size": 2, "num_gpu_batches": 2, "activations": Placement(gpu=0.0, cpu=1.0)}
     eos = {_early_token(models, "llama", prompts, tmp_path)}
-    eng = open_stage(models["llama"], stage=split_layers(3, 1)[0], dtype="float32", device="cpu",
+    eng = open_engine(models["llama"], stage=split_layers(3, 1)[0], dtype="float32", device="cpu",
                      tokenizer=IdTokenizer(99), policy=Policy(**pol))
     assert pipeline_stage.generate(eng, prompts, {}, eos) == _single(models, "llama", pol, prompts, {}, eos, tmp_path)
 

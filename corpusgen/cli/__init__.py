@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from typing import Any, Callable
 
 import click
 
-from corpusgen import __version__
+from corpusgen import __version__, envs
 from corpusgen.errors import CorpusgenError
 
 SQL_FORMATS = ("table", "csv", "json")
@@ -100,7 +99,7 @@ def run(job: str, input_path: str | None, table: str | None, query: str | None, 
                           device=device, policy=policy)
     console = _console()
     # under torchrun every rank writes to the same terminal: log lines, not several progress bars
-    reporter = Reporter(console, live=console.is_terminal and (os.environ.get("WORLD_SIZE") or "1") == "1")
+    reporter = Reporter(console, live=console.is_terminal and envs.world_size() == 1)
 
     def on_event(event: Any) -> None:
         if isinstance(event, JobStarted) and event.engine.get("plan"):

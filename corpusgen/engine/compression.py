@@ -52,29 +52,22 @@ rotating the output back (``out' R^T``); a Hadamard ``R`` spreads each channel e
 them, so a group's range follows the head's norm, not its largest channel. The cache only ever
 holds rotated values, so nothing here knows about it.
 
-Dequantisation on CUDA runs the fused Triton kernel :func:`dequantize_triton` (4-bit, grouped on
-the last axis) when triton imports; everything else uses torch ops. ``TRITON_INTERPRET=1`` also
-imports triton on a machine without a GPU, so the kernel can be checked on the CPU.
+Dequantisation on CUDA runs the fused Triton kernel kernels/dequantize.py (4-bit, grouped on the
+last axis) when triton imports; everything else uses torch ops (``_dequantize_last``, its reference).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
+from corpusgen.engine.kernels import dequantize as dequantize_kernel
+
 SCALE_DTYPE = torch.float16
 
-triton = tl = None
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        triton = tl = None
 
 
 def _check(bits: int, group_size: int) -> None:
@@ -285,8 +278,8 @@ def dequantize(p: Packed, out: torch.Tensor | None = None, dtype: torch.dtype | 
         out = torch.empty(p.shape, dtype=dtype or p.dtype, device=p.device)
     assert tuple(out.shape) == p.shape and out.device == p.device, (out.shape, out.device, p.shape, p.device)
     assert dtype is None or out.dtype == dtype, (out.dtype, dtype)
-    if _use_triton(p, out):
-        return dequantize_triton(p, out)
+    if dequantize_kernel.usable(p.bits, p.axis == len(p.shape) - 1, out):
+        return dequantize_kernel.dequant4(*p.buffers, p.group_size, out)
     a = p.axis
     y = _dequantize_last(*(b.movedim(a, -1) for b in p.buffers), p.bits, p.group_size, p.shape[a])
     return out.copy_(y.movedim(-1, a))
@@ -370,76 +363,3 @@ def kv_rotation(head_dim: int, dtype: torch.dtype = torch.float32, device: torch
     q, r = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=gen, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r))[None, :]
     return Rotation(matrix=q.to(device=device, dtype=dtype), scale=1.0)
-
-
-# --- the fused CUDA kernel --------------------------------------------------------------------
-
-
-def _use_triton(p: Packed, out: torch.Tensor) -> bool:
-    return triton is not None and out.is_cuda and p.bits == 4 and p.axis == len(p.shape) - 1
-
-
-if triton is not None:
-
-    @triton.jit(do_not_specialize=("rows",))
-    def _dequant4_kernel(data_ptr, mins_ptr, scales_ptr, out_ptr, rows, half_len, length, n_groups,
-                         GROUP_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-        # One program per (BLOCK_R rows, BLOCK_C columns) tile of the (rows, length) output. Column
-        # c sits in byte c // 2 of its row (rows are half_len bytes), low nibble if c is even. Row
-        # and column come from the program's coordinates: no per-element division by a runtime
-        # length (64-bit division is a long software sequence on the GPU; the flat-index version
-        # of this kernel spent most of its time there).
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        keep = (r[:, None] < rows) & (c[None, :] < length)
-        byte = tl.load(data_ptr + r[:, None] * half_len + (c // 2)[None, :], mask=keep, other=0).to(tl.int32)
-        code = (byte >> ((c % 2) * 4)[None, :]) & 15
-        g = r[:, None] * n_groups + (c // GROUP_SIZE)[None, :]
-        s = tl.load(scales_ptr + g, mask=keep, other=0.0).to(tl.float32)
-        m = tl.load(mins_ptr + g, mask=keep, other=0.0).to(tl.float32)
-        y = code.to(tl.float32) * s + m
-        tl.store(out_ptr + r[:, None] * length + c[None, :], y.to(out_ptr.dtype.element_ty), mask=keep)
-
-
-def dequantize_triton(p: Packed, out: torch.Tensor) -> torch.Tensor:
-    """Fused 4-bit dequantisation (grouped on the last axis) into ``out``; returns ``out``."""
-    assert triton is not None, "triton is not available"
-    assert p.bits == 4 and p.axis == len(p.shape) - 1, (p.bits, p.axis, p.shape)
-    assert tuple(out.shape) == p.shape, (out.shape, p.shape)
-    data, mins, scales = (b.contiguous() for b in p.buffers)  # a narrowed cache is strided
-    dst = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-    half_len, n_groups, length = data.shape[-1], mins.shape[-1], p.shape[-1]
-    rows = data.numel() // max(1, half_len)
-    # Tiles of 4096 elements: whole rows of a KV cache (head_dim) or 1024-column runs of a weight.
-    block_c = min(1024, triton.next_power_of_2(length))
-    block_r = 4096 // block_c
-    if rows and length:
-        grid = (triton.cdiv(rows, block_r), triton.cdiv(length, block_c))
-        _dequant4_kernel[grid](data, mins, scales, dst, rows, half_len, length, n_groups,
-                               GROUP_SIZE=p.group_size, BLOCK_R=block_r, BLOCK_C=block_c)  # fmt: skip
-    return out if dst is out else out.copy_(dst)
-
-
-def _selfcheck_triton(device: str = "cuda", seed: int = 0) -> dict[str, float]:
-    """Compare the Triton kernel with the torch path on random inputs; raises on a mismatch.
-
-    Returns the largest absolute difference per case (expected 0, or an ulp where the kernel
-    fuses the multiply-add). Called by the GPU benchmark script.
-    """
-    assert triton is not None, "triton is not available"
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    cases = [((3, 5, 7), 64), ((1, 130), 64), ((17, 64), 64), ((2, 3, 100), 32), ((4, 8, 33, 128), 64),
-             ((2, 4, 19, 96), 6), ((257, 4096), 64)]  # fmt: skip
-    report: dict[str, float] = {}
-    for shape, gs in cases:
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            x = (torch.randn(shape, generator=gen) * 3).to(device=device, dtype=dtype)
-            p = quantize(x, 4, gs)
-            a = p.axis
-            ref = _dequantize_last(*p.buffers, 4, gs, shape[a]).to(dtype)
-            got = dequantize_triton(p, torch.full(shape, float("nan"), dtype=dtype, device=device))
-            diff = (got.float() - ref.float()).abs()
-            tol = 2 * torch.finfo(dtype).eps * (ref.float().abs() + 1)
-            assert not got.isnan().any() and (diff <= tol).all(), (shape, gs, dtype, diff.max().item())
-            report[f"{shape} g{gs} {str(dtype)[6:]}"] = diff.max().item()
-    return report

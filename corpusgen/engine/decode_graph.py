@@ -27,12 +27,11 @@ activations on the GPU, no compression. Attention is the split-KV kernel's where
 (grouped-query models such as SmolLM2 and Llama 3, fp32) PyTorch's SDPA over the batch's whole K/V
 capacity, the live length a device-computed mask. If a capture fails (an op or driver that cannot
 be captured), a warning says so and the engine runs eagerly from then on; the step that failed used
-its warm-up run's result. ``CORPUSGEN_CUDA_GRAPHS=0`` turns it off.
+its warm-up run's result. ``policy.cuda_graphs: false`` turns it off.
 """
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,14 +41,12 @@ import torch
 from corpusgen.engine.kernels import decode_attention
 from corpusgen.engine import layers as L
 
-ENABLED = os.environ.get("CORPUSGEN_CUDA_GRAPHS", "1") != "0"
-"""Decode steps of GPU-resident models through CUDA graphs; ``CORPUSGEN_CUDA_GRAPHS=0``: eager."""
 
 
 def eligible(engine) -> bool:
     """Whether ``engine`` (a BlockEngine) may run its decode steps through graphs."""
     store, policy = engine.store, engine.policy
-    return (ENABLED and engine.device.type == "cuda"
+    return (engine.policy.cuda_graphs and engine.device.type == "cuda"
             and all(t == "gpu" for t in store.tier) and all(t == "gpu" for t in engine.kv_tier)
             and engine.act_on_gpu and policy.compress_kv is None and policy.compress_weights is None)
 
@@ -57,7 +54,7 @@ def eligible(engine) -> bool:
 def _kernel_serves(cfg, dtype: torch.dtype) -> bool:
     """Whether the split-KV kernel attends for this model (multi-head, fp16/bf16); otherwise
     PyTorch's SDPA does, over the whole K/V capacity with the live length in its mask."""
-    return (decode_attention.triton is not None and decode_attention.ENABLED and cfg.num_heads == cfg.num_kv_heads
+    return (decode_attention.triton is not None and cfg.num_heads == cfg.num_kv_heads
             and cfg.head_dim in (64, 128, 256) and dtype in (torch.float16, torch.bfloat16))
 
 
@@ -197,5 +194,5 @@ def _decode_step(eng, weights, b, ids, col, klen, pad, mask, cols) -> torch.Tens
             attn = decode_attention.decode_attention(q, kc, vc, mask, eng.scale, klen=klen)
         else:
             attn = L.attend(q, kc, vc, visible, eng.scale)
-        h = fam.post_attention(cfg, w, h, attn)
+        h = fam.post_attention(cfg, w, h, attn, mlp_rows=eng.policy.mlp_rows)
     return fam.head(cfg, weights[-1], h[:, -1])

@@ -30,7 +30,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         y = (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + eps)).to(t.dtype)  # a new tensor
         return y.mul_(weight) if weight.dtype == y.dtype else weight * y  # in place: one buffer less
 
-    return chunked(norm, x) if x.dim() == 3 else norm(x)
+    return chunked(norm, x, NORM_CHUNK_TOKENS) if x.dim() == 3 else norm(x)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -223,17 +223,16 @@ def _positions(pad: torch.Tensor, cols: torch.Tensor, prefix: int) -> torch.Tens
     return torch.where(cols < prefix, cols, shifted)
 
 
-MLP_CHUNK_TOKENS = 8192
-"""Tokens per chunk of a SwiGLU MLP: its three (tokens, ffn) intermediates were the largest
-prefill buffers (Llama-2-70B, 128 rows x 512 tokens: 3.5 GiB each, 14 GiB in all)."""
+NORM_CHUNK_TOKENS = 8192
+"""Tokens per chunk of an RMSNorm over a prefill: its fp32 temporaries stay bounded."""
 
 
-def chunked(fn, x: torch.Tensor, chunk: int = MLP_CHUNK_TOKENS) -> torch.Tensor:
+def chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
     """``fn`` (a token-wise map of the last dim to the same size) over x (b, s, d) in chunks of at
-    most ``chunk`` tokens, so its intermediates are bounded; x itself when it is small."""
+    most ``chunk`` tokens (0: whole), so its intermediates are bounded; x itself when it is small."""
     b, s, d = x.shape
     n = b * s
-    if n <= chunk:
+    if not chunk or n <= chunk:
         return fn(x)
     flat = x.reshape(n, d)
     out = torch.empty_like(flat)

@@ -8,7 +8,6 @@ policy is simply "all on gpu", and the same schedule runs (there is no second co
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from corpusgen import envs
 from corpusgen.engine import layers as L
 from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
@@ -30,8 +30,6 @@ from corpusgen.errors import CorpusgenError, ModelError
 from corpusgen.planner.memory import check_budgets, memory_per_tier
 from corpusgen.planner.policy import Policy
 
-# Expandable segments: a 16 GiB budget OOMed with 2 GiB reserved-but-fragmented without them.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -187,63 +185,88 @@ class Engine:
 def open_engine(model: str, *, dummy: bool = False, device: str | None = None, dtype: str | None = None,
                 policy: Policy | None = None, gpu_memory: int | None = None, cpu_memory: int | None = None,
                 offload_dir: str | None = None, prompt_len: int = 512, gen_len: int = 32, seed: int = 0,
-                tokenizer=None) -> Engine:
+                tokenizer=None, stage=None, ranks: Sequence[int] | None = None) -> Engine:
     """Load ``model`` (preset, HF dir, .gguf, or the default) and place it by ``policy``.
 
     Budgets are hard: the policy's memory (for prompt_len/gen_len) is checked before anything is
     allocated, the GPU allocator is capped at ``gpu_memory``, and pinned host memory is counted
     against ``cpu_memory``.
+
+    ``stage`` (a pipeline.Stage): load only that stage's layers (and the embedding on the first,
+    the head on the last) as one stage of a pipeline (pipeline.py): the same loader over a layer
+    range, whose engine sends its hidden states on. The policy is then a stage's (its block is one
+    sub-block, its fractions are of the stage's layers) and the budgets this GPU's and process's.
+    Several stages need torch.distributed's default group (pipeline.PipelineGroup); ``ranks`` maps
+    stages to ranks.
     """
     t0 = time.perf_counter()
     cfg = load_config(model)
     dev = pick_device(device)
     policy = policy or Policy()
     dt = pick_dtype(dtype, dev, cfg, policy)
-    est = memory_per_tier(cfg, policy, prompt_len, gen_len, dtype_bytes=torch.finfo(dt).bits // 8)
+    dtype_bytes = torch.finfo(dt).bits // 8
+    if stage is None:
+        local_cfg, wanted = cfg, None
+        est = memory_per_tier(cfg, policy, prompt_len, gen_len, dtype_bytes=dtype_bytes)
+    else:
+        from corpusgen.engine import pipeline
+
+        local_cfg, wanted = pipeline.stage_config(cfg, stage), stage.units()
+        est = pipeline.stage_memory(cfg, stage, policy, prompt_len, gen_len, dtype_bytes=dtype_bytes)
     check_budgets(est, gpu_memory, cpu_memory)
-    if dev.type == "cuda" and gpu_memory:
-        total = torch.cuda.get_device_properties(dev).total_memory
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory / total), index)
+    if dev.type == "cuda":
+        envs.configure_cuda_allocator()
+        if gpu_memory:
+            total = torch.cuda.get_device_properties(dev).total_memory
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory / total), index)
     tmp = None
-    needs_disk = est.disk > 0
-    if needs_disk and offload_dir is None:
+    if est.disk > 0 and offload_dir is None:
         tmp = offload_dir = tempfile.mkdtemp(prefix="corpusgen-offload-")
-    disk = DiskTier(Path(offload_dir) / "weights") if needs_disk else None
+    disk = DiskTier(Path(offload_dir) / "weights") if est.disk > 0 else None
     arena = HostArena(cpu_memory)
     if dummy:
-        units = dummy_units(cfg, dtype=dt, device=dev, seed=seed)
+        units = dummy_units(cfg, dtype=dt, device=dev, seed=seed, only=wanted)
         tok = tokenizer or IdTokenizer(cfg.vocab_size)
     else:
-        if resolve_source(model) is None:
+        source = resolve_source(model)
+        if source is None:
             raise ModelError(f"{model}: a preset has shapes but no weights; add --dummy, or give a checkpoint directory or .gguf file")
         # GGUF tensors are dequantised to fp32 anyway; weights to be compressed are quantised from
         # those fp32 values, so 4-bit group-32 re-quantisation of Q4_1 is exact in any compute dtype.
-        gguf_fp32 = policy.compress_weights is not None and resolve_source(model).suffix == ".gguf"
-        units = iter_units(model, cfg, dtype=torch.float32 if gguf_fp32 else dt)
+        gguf_fp32 = policy.compress_weights is not None and source.suffix == ".gguf"
+        units = iter_units(model, cfg, dtype=torch.float32 if gguf_fp32 else dt, only=wanted)
         if tokenizer is None:
             from corpusgen.engine.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(resolve_source(model))
+            tokenizer = load_tokenizer(source)
         tok = tokenizer
+    if stage is not None:
+        units = pipeline.local_units(units, stage)
     try:
-        store = WeightStore(cfg, units, policy, device=dev, dtype=dt, arena=arena, disk=disk)
+        store = WeightStore(local_cfg, units, policy, device=dev, dtype=dt, arena=arena, disk=disk)
     except CorpusgenError:
         if disk is not None:
             disk.close()
         raise
     eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids if not dummy else ()
     if dev.type == "cuda":
-        _warm_kernels(dev, dt, cfg, compressed=bool(policy.compress_kv or policy.compress_weights),
+        _warm_kernels(dev, dt, local_cfg, compressed=bool(policy.compress_kv or policy.compress_weights),
                       compress_kv=policy.compress_kv)
     if dev.type == "cpu":
         keep_freed_host_memory()
         if dt == torch.float32:
             L.onednn_fp32()  # its numeric probe runs here, not inside the first prefill
-    block = BlockEngine(cfg, store, policy, tokenizer=tok, device=dev, dtype=dt, eos_ids=eos)
+    common = dict(tokenizer=tok, device=dev, dtype=dt, eos_ids=eos)
+    if stage is None:
+        block, kind, extra = BlockEngine(cfg, store, policy, **common), Engine, {}
+    else:
+        link = pipeline.Link(stage, dev, ranks)
+        block = pipeline.StageEngine(local_cfg, store, policy, stage=stage, link=link, **common)
+        kind, extra = pipeline.PipelineEngine, {"stage": stage}
     store.load_stream = block.streams.load if block.streams.load is not block.streams.compute else None
-    return Engine(config=cfg, tokenizer=tok, policy=policy, device=dev, dtype=dt, block=block, store=store,
-                  arena=arena, disk=disk, load_seconds=time.perf_counter() - t0, _tmpdir=tmp)
+    return kind(config=local_cfg, tokenizer=tok, policy=policy, device=dev, dtype=dt, block=block, store=store,
+                arena=arena, disk=disk, load_seconds=time.perf_counter() - t0, _tmpdir=tmp, **extra)
 
 
 def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: bool, compress_kv=None) -> None:

@@ -34,26 +34,23 @@ A shared prompt prefix is not computed separately in a pipeline: every row runs 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from corpusgen import envs
 from corpusgen.engine.api import Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
-from corpusgen.engine.load import Engine, IdTokenizer, _warm_kernels, pick_device, pick_dtype
+from corpusgen.engine.load import Engine
 from corpusgen.engine.placement import WeightStore
 from corpusgen.engine.schedule import BlockEngine, _Batch
-from corpusgen.engine.tiers import DiskTier, HostArena
-from corpusgen.engine.weights import dummy_units, iter_units, load_config, resolve_source, weight_shapes
-from corpusgen.errors import CorpusgenError, ModelError, PolicyError
-from corpusgen.planner.memory import MemoryEstimate, check_budgets, memory_per_tier
-from corpusgen.planner.policy import Policy, PolicyError
+from corpusgen.engine.weights import weight_shapes
+from corpusgen.errors import CorpusgenError, PolicyError
+from corpusgen.planner.memory import MemoryEstimate, memory_per_tier
+from corpusgen.planner.policy import Policy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +94,9 @@ def split_layers(num_layers: int, stages: int) -> list[Stage]:
 
 def stage_config(cfg: ModelConfig, stage: Stage) -> ModelConfig:
     """The model as one stage sees it: its own layers, numbered from 0."""
+    if stage.first_layer + stage.num_layers > cfg.num_layers:
+        raise PolicyError(f"stage {stage.index} holds layers {stage.first_layer}…"
+                          f"{stage.first_layer + stage.num_layers - 1}, but {cfg.name} has {cfg.num_layers}")
     return cfg.replace(num_layers=stage.num_layers)
 
 
@@ -195,7 +195,7 @@ class PipelineGroup:
         import torch.distributed as dist
 
         if self.world > 1 and not dist.is_initialized():
-            missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+            missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not envs.torchrun().get(v)]
             if missing:
                 raise CorpusgenError(f"a pipeline of {self.world} stages needs {' and '.join(missing)}; "
                                      "start the stages with torchrun --nproc-per-node N")
@@ -225,7 +225,7 @@ class StageEngine(BlockEngine):
         super().__init__(cfg, store, policy, tokenizer=tokenizer, device=device, dtype=dtype, eos_ids=eos_ids)
         self.stage, self.link = stage, link
         self.feeds_head = stage.last  # a stage before the last sends every column of its output on
-        self.graphs = None  # turns run their own loop (``_turn``), not ``_pass``'s decode graphs
+        self.graphs = None  # a decode graph replays every unit of the model; a stage runs a range of them
         n = cfg.num_layers  # the stage's own: units are embed, layer.0 … layer.{n-1}, head
         self.unit_range = range(0 if stage.first else 1, n + 2 if stage.last else n + 1)
         self.admit_seconds = 0.0  # admitting rows (allocating their KV), for benchmarks
@@ -267,36 +267,22 @@ class StageEngine(BlockEngine):
     run_block = run
 
     def _turn(self, batches: list[_Batch]) -> None:
-        """One sub-block through this stage's units: receive, the block schedule, send."""
-        cfg, st = self.cfg, self.stage
-        lo, hi = self.unit_range.start, self.unit_range.stop
-        t0 = time.perf_counter()
+        """One sub-block through this stage's units: receive its hidden states, the block schedule's
+        loop (schedule.BlockEngine._units, over ``unit_range``), each batch sent on by ``_computed``."""
         prefill = all(b.col == b.start for b in batches)
-        if not st.first:
+        if not self.stage.first:
             for b in batches:  # (rows, q_len, hidden) per GPU batch, in batch order
-                b.hidden = self.link.recv_hidden((len(b.rows), b.ids.shape[1], cfg.hidden_size), self.dtype)
-        self.store.prefetch(lo)
-        for j in range(lo, hi):
-            w = self.store.get(j)
-            self.store.prefetch(j + 1 if j + 1 < hi else lo)  # wrap-around: the next sub-block's first unit
-            pending = self._load_cache(j, batches[0], batches[0].col)
-            for k, b in enumerate(batches):
-                nb = batches[k + 1] if k + 1 < len(batches) else None
-                nxt = self._load_cache(j, nb, nb.col) if nb is not None else None
-                self._compute(j, w, b, b.col, pending)
-                pending = nxt
-                if j == cfg.num_layers and not st.last:  # the stage's last layer: pass the batch on
-                    self.link.send_hidden(self._output(b))
-                    b.hidden = None
-            w = None  # drop this layer's (dequantised) weights before the next get()
-            self.store.release(j)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        dt = time.perf_counter() - t0
+                b.hidden = self.link.recv_hidden((len(b.rows), b.ids.shape[1], self.cfg.hidden_size), self.dtype)
+        dt = self._pass(batches)
         if prefill:
             self.stats.prefill_seconds += dt
         else:
             self.stats.decode_seconds += dt
+
+    def _computed(self, j: int, b: _Batch) -> None:
+        if j == self.cfg.num_layers and not self.stage.last:  # the stage's last layer: pass the batch on
+            self.link.send_hidden(self._output(b))
+            b.hidden = None
 
     def _output(self, b: _Batch) -> torch.Tensor:
         """Batch ``b``'s hidden states where the link carries them. When activations rest on the
@@ -335,65 +321,7 @@ class PipelineEngine(Engine):
         return None  # a stage computes every row's whole prompt
 
 
-def open_stage(model: str, *, stage: Stage, dummy: bool = False, device: str | None = None, dtype: str | None = None,
-               policy: Policy | None = None, gpu_memory: int | None = None, cpu_memory: int | None = None,
-               offload_dir: str | None = None, prompt_len: int = 512, gen_len: int = 32, seed: int = 0,
-               tokenizer=None, ranks: Sequence[int] | None = None) -> PipelineEngine:
-    """Load stage ``stage`` of ``model`` and place its units by ``policy`` (load.open_engine for one
-    stage). The policy is a stage's: its block is one sub-block, its fractions are of the stage's
-    layers. Budgets are this GPU's and this process's. Needs torch.distributed's default group
-    (:class:`PipelineGroup`) when the pipeline has several stages; ``ranks`` maps stages to ranks."""
-    t0 = time.perf_counter()
-    cfg = load_config(model)
-    if stage.first_layer + stage.num_layers > cfg.num_layers:
-        raise PolicyError(f"stage {stage.index} holds layers {stage.first_layer}…"
-                          f"{stage.first_layer + stage.num_layers - 1}, but {cfg.name} has {cfg.num_layers}")
-    scfg = stage_config(cfg, stage)
-    dev = pick_device(device)
-    policy = policy or Policy()
-    dt = pick_dtype(dtype, dev, cfg, policy)
-    est = stage_memory(cfg, stage, policy, prompt_len, gen_len, dtype_bytes=torch.finfo(dt).bits // 8)
-    check_budgets(est, gpu_memory, cpu_memory)
-    if dev.type == "cuda" and gpu_memory:
-        total = torch.cuda.get_device_properties(dev).total_memory
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory / total), index)
-    tmp = None
-    if est.disk > 0 and offload_dir is None:
-        tmp = offload_dir = tempfile.mkdtemp(prefix="corpusgen-offload-")
-    disk = DiskTier(Path(offload_dir) / "weights") if est.disk > 0 else None
-    arena = HostArena(cpu_memory)
-    wanted = stage.units()
-    if dummy:
-        source = dummy_units(cfg, dtype=dt, device=dev, seed=seed, only=wanted)
-        tok = tokenizer or IdTokenizer(cfg.vocab_size)
-    else:
-        if resolve_source(model) is None:
-            raise ModelError(f"{model}: a preset has shapes but no weights; add --dummy, or give a checkpoint "
-                             "directory or .gguf file")
-        source = iter_units(model, cfg, dtype=dt, only=wanted)
-        if tokenizer is None:
-            from corpusgen.engine.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(resolve_source(model))
-        tok = tokenizer
-    try:
-        store = WeightStore(scfg, _local_units(source, stage), policy, device=dev, dtype=dt, arena=arena, disk=disk)
-    except CorpusgenError:
-        if disk is not None:
-            disk.close()
-        raise
-    eos = tuple(tok.eos_token_ids) or cfg.eos_token_ids if not dummy else ()
-    if dev.type == "cuda":  # Triton JIT at load, not inside the first timed step (load.open_engine)
-        _warm_kernels(dev, dt, scfg, compressed=bool(policy.compress_kv or policy.compress_weights))
-    link = Link(stage, dev, ranks)
-    block = StageEngine(scfg, store, policy, stage=stage, link=link, tokenizer=tok, device=dev, dtype=dt, eos_ids=eos)
-    store.load_stream = block.streams.load if block.streams.load is not block.streams.compute else None
-    return PipelineEngine(config=scfg, tokenizer=tok, policy=policy, device=dev, dtype=dt, block=block, store=store,
-                          arena=arena, disk=disk, load_seconds=time.perf_counter() - t0, _tmpdir=tmp, stage=stage)
-
-
-def _local_units(source, stage: Stage):
+def local_units(source, stage: Stage):
     """The stage's units, streamed one at a time, under the names its WeightStore expects: embed
     (empty off stage 0), its own layers numbered from 0, head (empty off the last stage)."""
     local = {f"layer.{stage.first_layer + i}": f"layer.{i}" for i in range(stage.num_layers)}

@@ -10,7 +10,6 @@ layer per token step, shared by every GPU batch of the block.
 
 from __future__ import annotations
 
-import os
 import threading
 from types import ModuleType
 
@@ -72,7 +71,7 @@ class WeightStore:
             record, meta = self._prepare(name, w, tier, shared)
             nbytes = sum(t.numel() * t.element_size() for t in record.values())
             self.resident_bytes[tier] += nbytes
-            if tier == "gpu" and self.device.type == "cuda" and FUSE_QKV and name.startswith("layer."):
+            if tier == "gpu" and self.device.type == "cuda" and name.startswith("layer."):
                 _fuse_qkv(record)  # after counting: q/k/v become views of the fused tensor
             if tier == "disk":
                 assert disk is not None, "a disk placement needs an offload_dir"
@@ -209,11 +208,6 @@ class WeightStore:
             ev = torch.cuda.Event()
             ev.record(torch.cuda.current_stream(self.device))
             self._buffer_free[buf] = ev
-
-
-FUSE_QKV = os.environ.get("CORPUSGEN_FUSE_QKV", "1") != "0"
-"""GPU-resident layers keep q, k and v (and their biases) as views of one tensor, ``qkv``, so an
-OPT decode step projects them in one GEMM (``opt.pre_attention``); ``CORPUSGEN_FUSE_QKV=0`` turns it off."""
 
 
 def _fuse_qkv(record: Record) -> None:

@@ -51,7 +51,6 @@ clones, and the disk tier still prefetches on its I/O pool, so CI exercises the 
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -70,10 +69,6 @@ from corpusgen.engine.sampling import find_stop, row_generator, sample, stop_in_
 from corpusgen.engine.streams import HostCopy, Streams, handoff, on, onto_device, to_host
 from corpusgen.planner.policy import Policy
 
-
-RUN_AHEAD = int(os.environ.get("CORPUSGEN_RUN_AHEAD", "2"))
-"""How many units the host may queue ahead of the GPU's compute within a token step (CUDA; 0 =
-unbounded). Two keep the load stream one unit ahead of compute; see ``_units``."""
 
 KV_GROW = 64
 """KV columns a batch's cache is allocated (beyond its prompt) and then widened by, as its rows
@@ -150,6 +145,8 @@ class BlockEngine:
         # its output only at the last column (``_layer_end``). A pipeline stage that passes its
         # hidden states on to the next stage needs them all (pipeline.StageEngine sets False).
         self.feeds_head = True
+        # The units this engine runs: all of them, or a pipeline stage's (pipeline.StageEngine).
+        self.unit_range = range(cfg.num_layers + 2)
         # Decode steps of a GPU-resident model as CUDA graphs (decode_graph.py), or None.
         self.graphs = decode_graph.DecodeGraphs(self) if decode_graph.eligible(self) else None
         # Decode attention straight from a 4-bit cache, never dequantised whole (decode_attention.py).
@@ -238,15 +235,15 @@ class BlockEngine:
 
     def _units(self, batches: list[_Batch]) -> None:
         """Every unit once, every GPU batch of ``batches`` under it (the block schedule's loop)."""
-        n_units = self.cfg.num_layers + 2
-        self.store.prefetch(0)
+        self.store.prefetch(self.unit_range.start)
         done: dict[int, torch.cuda.Event] = {}  # unit -> its compute, all batches, has run
-        for j in range(n_units):
-            if RUN_AHEAD and j - RUN_AHEAD in done:
-                # The host queues at most RUN_AHEAD units ahead of the GPU: every queued unit holds
+        lead = self.policy.run_ahead
+        for j in self.unit_range:
+            if j - lead in done:
+                # The host queues at most ``run_ahead`` units ahead of the GPU: every queued unit holds
                 # its batches' loaded KV, so an unbounded lead filled the GPU budget and the
                 # allocator's out-of-memory path synchronised the device, draining every stream.
-                done.pop(j - RUN_AHEAD).synchronize()
+                done.pop(j - lead).synchronize()
             w = self.store.get(j)
             # What this layer's batches need from the host goes on the load stream *before* the
             # next layer's weights, or the first batch's compute waits for those weights (a whole
@@ -277,15 +274,20 @@ class BlockEngine:
                 # the link: the host idled for that prefetch every layer (OPT-30B: 1.37 s steps).
                 for begun in [self._compute_begin(j, w, b, b.col, p) for b, p in zip(batches, loads)]:
                     self._compute_end(begun)
+                    self._computed(j, begun[0])
             else:
                 for k, b in enumerate(order):
                     if k + 1 < len(order) and k + 1 not in loads:  # one batch ahead
                         loads[k + 1] = self._load_cache(j, order[k + 1], order[k + 1].col)
                     self._compute(j, w, b, b.col, loads.pop(k))
+                    self._computed(j, b)
             w = None  # drop this layer's (dequantised) weights before the next get()
             self.store.release(j)
-            if RUN_AHEAD and self.device.type == "cuda":
+            if self.device.type == "cuda":
                 done[j] = self.streams.event(self.streams.compute)
+
+    def _computed(self, j: int, b: _Batch) -> None:
+        """Unit ``j`` has been enqueued for batch ``b`` (a pipeline stage passes its output on)."""
 
     def _set_prefix(self, prefix: Sequence[int] | None) -> int:
         """Make ``prefix``'s K/V available (computing it only when it changed); its length, or 0."""
@@ -589,7 +591,7 @@ class BlockEngine:
             # and the last layer's K/V are written above: the output projection and MLP of the
             # other columns would be thrown away. OPT-6.7B, 512-token prompts: 1/43 of the prefill.
             h, attn = h[:, -1:], attn[:, :, -1:]
-        return self.fam.post_attention(cfg, w, h, attn)
+        return self.fam.post_attention(cfg, w, h, attn, mlp_rows=self.policy.mlp_rows)
 
     def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the KV cache stores it: quantised and back when the cache is compressed, so

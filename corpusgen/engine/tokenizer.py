@@ -8,14 +8,13 @@ template; row text is untrusted, so control tokens inside it (a document that co
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from corpusgen import envs
 from corpusgen.errors import ModelError
 
 # End-of-turn markers of common chat templates; one that the template writes ends a row too
@@ -127,22 +126,6 @@ class Tokenizer:
         return f"Tokenizer({self.name!r}, vocab={self.vocab_size}, eos={self._eos})"
 
 
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    # local_files_only already keeps transformers off the network; the variables are belt and
-    # braces for code paths that consult them instead.
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({k: "1" for k in saved})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def load_tokenizer(source: str | Path) -> Tokenizer:
     """The tokenizer of an HF checkpoint directory, a .gguf file or ``default``."""
     from corpusgen.engine.weights import resolve_source
@@ -164,7 +147,7 @@ def _load(path_str: str, mtime_ns: int) -> Tokenizer:
     from corpusgen.engine.weights import generation_eos
 
     extra_eos: tuple[int, ...] = ()
-    with _offline():
+    with envs.hf_offline():
         try:
             if path.is_dir():
                 hf = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -18,13 +18,12 @@ from each rank's budget. Nothing here imports torch until a world of more than o
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-from corpusgen import errors
+from corpusgen import envs, errors
 from corpusgen.errors import CorpusgenError
 
 RANK_DIR_RE = re.compile(r"^rank-(\d+)-of-(\d+)$")
@@ -68,7 +67,7 @@ class Ranks:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Ranks":
         """From the variables torchrun sets; a single process when ``WORLD_SIZE`` is unset."""
-        env = os.environ if env is None else env
+        env = envs.torchrun() if env is None else env
         try:
             world = int(env.get("WORLD_SIZE") or 1)
             rank = int(env.get("RANK") or 0)
@@ -126,7 +125,7 @@ class StartGroup:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+                missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not envs.torchrun().get(v)]
                 if missing:
                     raise CorpusgenError(f"WORLD_SIZE={self.ranks.world} but {' and '.join(missing)} is not set; "
                                          "start the ranks with torchrun")

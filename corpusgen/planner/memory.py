@@ -34,9 +34,10 @@ columns one step computes: ``min(p, prefill_chunk)``, or ``p`` unchunked)::
     gpu.activations         B × c × hidden × dtype    if activations on the GPU
     gpu.activation_staging  2 × b × c × hidden × dtype if activations on the CPU
     gpu.attention_scores    b × c × p × dtype_bytes   (the padding mask as a bias; fused SDPA keeps no scores)
-    gpu.mlp_workspace       OPT: b × c × ffn × dtype × 2 (fc1 output, ReLU in place);
-                            Llama: min(b × c, MLP_CHUNK_TOKENS) × ffn × dtype × 4 (gate, up,
-                            silu, product; the MLP runs in token chunks) + rotary
+    gpu.mlp_workspace       the MLP runs over m = min(b × c, policy.mlp_rows) token rows at a time
+                            OPT: m × ffn × dtype × 2 (fc1 output, ReLU in place), + the chunks'
+                            output b × c × hidden × dtype when m < b × c;
+                            Llama: m × ffn × dtype × 4 (gate, up, silu, product) + rotary
                             temporaries b × c × (heads + kv_heads) × hd × dtype × 3
                             + attention output b × c × hidden × dtype × 3
     gpu.logits              b × vocab × 4
@@ -275,7 +276,7 @@ def memory_terms(config: ModelConfig, policy: Policy, prompt_len: int, gen_len: 
         "gpu.activation_staging": (1 - act_gpu) * 2 * b * c * config.hidden_size * dtype_bytes,
         # fused SDPA never materialises the scores; a padded batch passes its mask as a bias
         "gpu.attention_scores": b * c * p * dtype_bytes,
-        "gpu.mlp_workspace": mlp_workspace_bytes(config, b * c, dtype_bytes),
+        "gpu.mlp_workspace": mlp_workspace_bytes(config, b * c, dtype_bytes, policy.mlp_rows),
         "gpu.logits": b * config.vocab_size * 4,
         "cpu.layer_weights": w_cpu * L,
         "cpu.kv_cache": kv_cpu * kv_block,
@@ -317,13 +318,14 @@ def check_budgets(estimate: MemoryEstimate, gpu_budget: int, cpu_budget: int, di
                 f"of {budget / GIB:.2f} GiB (largest, GiB: {big})")
 
 
-def mlp_workspace_bytes(config, tokens: int, dtype_bytes: int) -> int:
-    """Peak MLP intermediates of a step over ``tokens`` tokens (see the table above)."""
-    from corpusgen.engine.layers import MLP_CHUNK_TOKENS
+def mlp_workspace_bytes(config, tokens: int, dtype_bytes: int, mlp_rows: int) -> int:
+    """Peak MLP intermediates of a step over ``tokens`` tokens, ``mlp_rows`` at a time (the table above)."""
+    rows = min(tokens, mlp_rows) if mlp_rows else tokens
 
     if config.family == "llama":
         # + rotary temporaries: q·cos, rotate_half(q), ·sin and their sum, for q and k
         rope = tokens * (config.num_heads + config.num_kv_heads) * config.head_dim * dtype_bytes * 3
         attn_out = tokens * config.hidden_size * dtype_bytes * 3  # attention output, merged, projected
-        return min(tokens, MLP_CHUNK_TOKENS) * config.ffn_dim * dtype_bytes * 4 + rope + attn_out
-    return tokens * config.ffn_dim * dtype_bytes * 2
+        return rows * config.ffn_dim * dtype_bytes * 4 + rope + attn_out
+    chunks_out = tokens * config.hidden_size * dtype_bytes if rows < tokens else 0
+    return rows * config.ffn_dim * dtype_bytes * 2 + chunks_out

@@ -83,6 +83,17 @@ class Policy:
     """Quantise weights (stored, moved and cached compressed), or None."""
     compress_kv: Compression | None = None
     """Quantise the KV cache, or None."""
+    mlp_rows: int = 16384
+    """Token rows a prefill's MLP runs over at a time (0: all at once). Rows are independent; the
+    (rows, ffn) intermediates, a prefill's largest buffers, shrink to a chunk's (the memory model
+    counts them so)."""
+    run_ahead: int = 2
+    """Units (layers) the host may queue ahead of the GPU's compute within a token step (CUDA).
+    Every queued unit holds its batches' loaded KV and activations, so the bound keeps them within
+    the budget the memory model counts; two keep the load stream a unit ahead of compute."""
+    cuda_graphs: bool = True
+    """Replay the decode steps of a model whose units, KV cache and activations are all on the GPU
+    and uncompressed as CUDA graphs (no host launches); off: eager steps."""
 
     @property
     def block_size(self) -> int:
@@ -102,6 +113,9 @@ class Policy:
             "overlap": self.overlap,
             "refill": self.refill,
             "shared_prefix": self.shared_prefix,
+            "mlp_rows": self.mlp_rows,
+            "run_ahead": self.run_ahead,
+            "cuda_graphs": self.cuda_graphs,
         }
         if self.prefill_chunk is not None:
             out["prefill_chunk"] = self.prefill_chunk
@@ -172,10 +186,16 @@ def policy_from_dict(data: Mapping[str, Any]) -> Policy:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise PolicyError(f"policy.prefill_chunk: expected a positive number of prompt columns or null, got {v!r}")
         kw["prefill_chunk"] = v
+    for key, least in (("mlp_rows", 0), ("run_ahead", 1)):
+        if key in data:
+            v = data[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise PolicyError(f"policy.{key}: expected an integer ≥ {least}, got {v!r}")
+            kw[key] = v
     for key in ("weights", "kv_cache", "activations"):
         if key in data:
             kw[key] = _placement(key, data[key])
-    for key in ("cpu_attention", "overlap", "refill", "shared_prefix"):
+    for key in ("cpu_attention", "overlap", "refill", "shared_prefix", "cuda_graphs"):
         if key in data:
             if not isinstance(data[key], bool):
                 raise PolicyError(f"policy.{key}: expected true or false, got {data[key]!r}")

@@ -29,21 +29,10 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
-triton = tl = None
-if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        triton = tl = None
-
-ENABLED = os.environ.get("CORPUSGEN_DECODE_KERNEL", "1") != "0"
-"""Route single-query CUDA attention through this kernel (when triton imports); False (or the
-environment variable ``CORPUSGEN_DECODE_KERNEL=0``): PyTorch's SDPA, for comparisons."""
+from corpusgen.engine.kernels import tl, triton
 
 
 MIN_KV_ELEMENTS = 1 << 24
@@ -54,7 +43,7 @@ Triton's launch (~35 us of host time) costs more than it saves; PyTorch's SDPA i
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``attend`` routes this call here: one query per row, fp16/bf16, CUDA, a multi-head
     cache of at least ``MIN_KV_ELEMENTS``."""
-    return (ENABLED and triton is not None and q.shape[2] == 1 and q.is_cuda
+    return (triton is not None and q.shape[2] == 1 and q.is_cuda
             and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
             and q.shape[-1] in (64, 128, 256) and q.shape[1] == k.shape[1] and k.numel() >= MIN_KV_ELEMENTS)
 
@@ -290,11 +279,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out
 
 
-PACKED_ENABLED = os.environ.get("CORPUSGEN_PACKED_ATTENTION", "1") != "0"
-"""Decode attention straight from a 4-bit KV cache (``packed_decode_attention``); False (or
-``CORPUSGEN_PACKED_ATTENTION=0``): dequantise the cache, then attend (for comparisons)."""
-
-
 def packed_fits(cfg, compress) -> bool:
     """Whether the kernel takes model ``cfg``'s cache under KV compression ``compress`` (the
     model's side of ``packed_usable``; the memory model asks it too): 4-bit, one query head per
@@ -306,7 +290,7 @@ def packed_fits(cfg, compress) -> bool:
 def packed_usable(cfg, device: torch.device, dtype: torch.dtype, compress) -> bool:
     """Whether decode steps of model ``cfg`` attend straight from its 4-bit cache: ``packed_fits``,
     on CUDA with triton, in fp16/bf16."""
-    return (PACKED_ENABLED and triton is not None and device.type == "cuda"
+    return (triton is not None and device.type == "cuda"
             and dtype in (torch.float16, torch.bfloat16) and packed_fits(cfg, compress))
 
 
@@ -401,7 +385,7 @@ def warm_up(device, dtype: torch.dtype, cfg) -> None:
     a mask, one split and several): the integer arguments are not specialised (``_RUNTIME``), so
     these are all the compiles a run needs. No-op when ``usable`` can never hold for the model."""
     d = cfg.head_dim
-    if (not ENABLED or triton is None or cfg.num_heads != cfg.num_kv_heads or d not in (64, 128, 256)
+    if (triton is None or cfg.num_heads != cfg.num_kv_heads or d not in (64, 128, 256)
             or dtype not in (torch.float16, torch.bfloat16)):
         return
     for k_len in (8, 4096):  # one split (a tile), several (a long cache, one row)

@@ -15,24 +15,18 @@ Welford's update; results differ by fp32 rounding in the statistics, checked in
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from corpusgen.engine.kernels import decode_attention as _da
+from corpusgen.engine.kernels import tl, triton
 
-triton, tl = _da.triton, _da.tl
-
-ENABLED = os.environ.get("CORPUSGEN_FUSED_NORM", "1") != "0"
-"""Use the Triton kernels where they apply; ``CORPUSGEN_FUSED_NORM=0``: PyTorch's (comparisons)."""
 
 MIN_ROWS = 4096
 """Token rows from which the kernel is used (prefills; a decode step has one row per sequence)."""
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    return (triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
             and weight.dtype == x.dtype and x.is_contiguous() and x.numel() // x.shape[-1] >= MIN_ROWS
             and x.shape[-1] <= 16384)
 
@@ -90,7 +84,7 @@ def add_layer_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
 
 def warm_up(device: torch.device, dtype: torch.dtype, hidden: int) -> None:
     """Compile both variants for this width now, not inside a timed prefill."""
-    if not ENABLED or triton is None or hidden > 16384:
+    if triton is None or hidden > 16384:
         return
     x = torch.zeros(MIN_ROWS, hidden, device=device, dtype=dtype)
     w = torch.ones(hidden, device=device, dtype=dtype)

@@ -21,16 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 import torch
 
-from corpusgen.engine.kernels import decode_attention as _da
-
-triton, tl = _da.triton, _da.tl
-
-ENABLED = os.environ.get("CORPUSGEN_KV_COPY", "1") != "0"
-"""Use these copies where they apply; ``CORPUSGEN_KV_COPY=0`` falls back to ``copy_`` (comparisons)."""
+from corpusgen.engine.kernels import tl, triton
 
 
 MIN_ELEMENTS = 1 << 20
@@ -40,7 +34,7 @@ MIN_ELEMENTS = 1 << 20
 def tile_copy_usable(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """Whether ``tile_copy_`` applies: 4-D CUDA tensors of one shape and dtype, last dim contiguous,
     a power-of-two last dim, and enough elements for a launch to pay (a prefill, not a decode token)."""
-    return (ENABLED and triton is not None and dst.is_cuda and src.is_cuda and dst.dim() == src.dim() == 4
+    return (triton is not None and dst.is_cuda and src.is_cuda and dst.dim() == src.dim() == 4
             and dst.shape == src.shape and dst.dtype == src.dtype and dst.stride(-1) == 1 and src.stride(-1) == 1
             and dst.shape[-1] in (16, 32, 64, 128, 256) and src.numel() >= MIN_ELEMENTS)
 
@@ -73,7 +67,7 @@ def tile_copy_(dst: torch.Tensor, src: torch.Tensor, block_t: int = 32) -> torch
 
 def warm_up(device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
     """Compile the tile copy for this head size now, not inside a timed prefill."""
-    if not ENABLED or triton is None or head_dim not in (16, 32, 64, 128, 256):
+    if triton is None or head_dim not in (16, 32, 64, 128, 256):
         return
     x = torch.zeros(1, 16, MIN_ELEMENTS // (16 * head_dim), head_dim, device=device, dtype=dtype)
     tile_copy_(torch.empty_like(x), x.transpose(1, 2).contiguous().transpose(1, 2))
@@ -111,7 +105,7 @@ def host_2d_usable(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """Whether ``copy_to_host_2d`` applies: ``dst`` a pinned host view (rows, cols, ...) whose rows
     are one fixed pitch apart with each row's elements contiguous, ``src`` a contiguous CUDA tensor
     of the same shape and dtype, and the CUDA runtime found."""
-    if not (ENABLED and src.is_cuda and dst.device.type == "cpu" and dst.shape == src.shape
+    if not (src.is_cuda and dst.device.type == "cpu" and dst.shape == src.shape
             and dst.dtype == src.dtype and src.is_contiguous() and dst.dim() >= 2):
         return False
     pitch, _ = _rows(dst)

@@ -46,11 +46,12 @@ def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torc
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Residual stream h (b, s, hidden) and attention output (b, heads, s, hd) -> new h."""
+def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Tensor, *, mlp_rows: int = 0) -> torch.Tensor:
+    """Residual stream h (b, s, hidden) and attention output (b, heads, s, hd) -> new h; the MLP runs
+    over ``mlp_rows`` token rows at a time (0: all)."""
     h = linear(merge_heads(attn), w["o"]).add_(h)  # x + y == y + x bit for bit: add into the new buffer
     x = rms_norm(h, w["mlp_norm"], cfg.norm_eps)
-    return chunked(lambda t: swiglu(w, t), x).add_(h)
+    return chunked(lambda t: swiglu(w, t), x, mlp_rows).add_(h)
 
 
 def swiglu(w: Weights, t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ Same four entry points as llama.py, so the schedule treats both families alike.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -49,18 +48,6 @@ DECODE_TOKENS = 4096
 """Tokens (rows x columns) up to which a call is a decode step: q/k/v from the fused weight when
 the layer has one; above it, a prefill: fc1 with its ReLU in the GEMM epilogue (CUDA half types)."""
 
-FC1_EPILOGUE = os.environ.get("CORPUSGEN_FC1_EPILOGUE", "1") != "0"
-"""Prefill fc1 (fp16/bf16 on CUDA) with the bias and ReLU in cuBLASLt's epilogue instead of a
-separate in-place ReLU over the (tokens, ffn) output: OPT-6.7B prefill 1.440 -> 1.412 s on the H200
-(interleaved runs, docs/benchmarks.md a3). ``CORPUSGEN_FC1_EPILOGUE=0`` turns it off."""
-
-
-MLP_ROWS = int(os.environ.get("CORPUSGEN_MLP_ROWS", "16384"))
-"""A CUDA prefill's MLP runs over this many rows at a time (0: all at once). Rows are independent;
-what changes is the GEMM shape cuBLAS picks a kernel for (so the rounding may differ, as between
-any two kernels), and the (rows, ffn) intermediate, the largest prefill buffer, shrinks to a chunk's."""
-
-
 def _mlp(w: Weights, x: torch.Tensor, h: torch.Tensor, epilogue: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """h + fc2(relu(fc1(x))) over 2-D rows; into ``out`` when given."""
     if epilogue:
@@ -72,8 +59,10 @@ def _mlp(w: Weights, x: torch.Tensor, h: torch.Tensor, epilogue: bool, out: torc
     return torch.add(h, y, out=out) if out is not None else h + y
 
 
-def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Residual stream h (b, s, hidden) and attention output (b, heads, s, hd) -> new h."""
+def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Tensor, *, mlp_rows: int = 0) -> torch.Tensor:
+    """Residual stream h (b, s, hidden) and attention output (b, heads, s, hd) -> new h; the MLP runs
+    over ``mlp_rows`` token rows at a time (0: all). A prefill's fc1 (fp16/bf16, CUDA) has its bias
+    and ReLU in cuBLASLt's epilogue, not a second pass over the (tokens, ffn) output."""
     pre = cfg.do_layer_norm_before
     out = linear(merge_heads(attn), w["o"], w["o_bias"])
     if pre:  # the residual add and the MLP's LayerNorm in one pass over the rows (large CUDA prefills)
@@ -82,11 +71,11 @@ def post_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, attn: torch.Te
         h = x = layer_norm(h + out, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps)
     x2, h2 = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
     rows = x2.shape[0]
-    epilogue = FC1_EPILOGUE and x2.is_cuda and x2.dtype != torch.float32 and rows > DECODE_TOKENS
-    if MLP_ROWS and x2.is_cuda and rows > MLP_ROWS:
+    epilogue = x2.is_cuda and x2.dtype != torch.float32 and rows > DECODE_TOKENS
+    if mlp_rows and rows > mlp_rows:
         out = torch.empty_like(h2)
-        for i in range(0, rows, MLP_ROWS):
-            _mlp(w, x2[i:i + MLP_ROWS], h2[i:i + MLP_ROWS], epilogue, out=out[i:i + MLP_ROWS])
+        for i in range(0, rows, mlp_rows):
+            _mlp(w, x2[i:i + mlp_rows], h2[i:i + mlp_rows], epilogue, out=out[i:i + mlp_rows])
         h = out.view(h.shape)
     else:
         h = _mlp(w, x2, h2, epilogue).view(h.shape)
