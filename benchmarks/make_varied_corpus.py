@@ -2,18 +2,18 @@
 
     python benchmarks/make_varied_corpus.py [OUT.parquet] [--n 400] [--seed 7]
 
-Default output: benchmarks/data/varied.parquet (generated, not committed). Columns: ``id``,
-``kind`` ("package" | "ticket" | "abstract"), ``title``, ``text``.
+Default output: benchmarks/data/varied.parquet (committed; the defaults rewrite it unchanged).
+Columns: ``id``, ``kind`` ("package" | "ticket" | "abstract"), ``title``, ``text``.
 
 Lengths are long-tailed: a target word count is drawn from a log-normal distribution (median
 about 140 words) and clipped to [20, 1500]. Each document starts from one of the hand-written
-documents of jobs/corpus_text.py and is then
+documents of jobs/corpus_text.jsonl and is then
 
 - cut at a sentence boundary when the target is shorter than the original (a package gets its
   one-line summary first, as on a package index), or
-- grown from the fragments of jobs/corpus_longform.py when the target is longer: a README with
-  installation notes, sections and a changelog for a package, a reply thread for a ticket, the
-  first pages of the paper for an abstract.
+- grown from the hand-written fragments of benchmarks/data/corpus_longform.jsonl when the target
+  is longer: a README with installation notes, sections and a changelog for a package, a reply
+  thread for a ticket, the first pages of the paper for an abstract.
 
 READMEs (through their changelog) and papers (through their reference list) grow as far as
 needed; a reply thread runs out at about 800 words, and a longer ticket target is built as a
@@ -28,23 +28,75 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import random
 import re
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
-from corpus_longform import (  # noqa: E402
-    AGENT_CLOSINGS, AGENT_GENERIC, AGENT_REPLIES, AGENTS, CHANGELOG_ITEMS, CUSTOMER_CLOSINGS,
-    CUSTOMER_FOLLOWUPS, DIAGNOSTICS, INSTALL, JOURNAL_PATTERNS, PACKAGE_SUMMARIES,
-    PAPER_SECTIONS, README_SECTIONS, REFERENCE_TITLES, SURNAMES,
-)
-from corpus_text import ABSTRACTS, PACKAGES, TICKETS  # noqa: E402
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def by_part(records: list[dict]) -> dict[str, list[dict]]:
+    parts: dict[str, list[dict]] = {}
+    for r in records:
+        parts.setdefault(r["part"], []).append(r)
+    return parts
+
+
+# The hand-written documents (jobs/README.md describes their fields), by kind, in file order.
+_DOCS = read_jsonl(REPO / "jobs" / "corpus_text.jsonl")
+PACKAGES, TICKETS, ABSTRACTS = ([d for d in _DOCS if d["kind"] == k]
+                                for k in ("package", "ticket", "abstract"))
+
+# The fragments that grow them: one JSON object per line, {"part", "text"} and, for parts looked
+# up by a key, "key" (a package name, a language or null for none, a ticket category or title,
+# a paper section heading). Placeholders in braces are filled from the document's facts:
+# {name} {language} {license} for packages; {first} (the customer's first name) {agent} {title}
+# for tickets; {field} {subject} {data} for abstracts. Keyed parts with a list per key keep the
+# file's order: a category's agent replies in the order they are sent (the first opens the
+# thread, the last resolves it), a paper section's paragraphs in reading order.
+_PARTS = by_part(read_jsonl(REPO / "benchmarks" / "data" / "corpus_longform.jsonl"))
+
+
+def _texts(part: str) -> list[str]:
+    return [r["text"] for r in _PARTS[part]]
+
+
+def _keyed(part: str) -> dict:
+    return {r["key"]: r["text"] for r in _PARTS[part]}
+
+
+def _keyed_lists(part: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r in _PARTS[part]:
+        out.setdefault(r["key"], []).append(r["text"])
+    return out
+
+
+PACKAGE_SUMMARIES = _keyed("package_summary")       # package name -> one-line summary
+INSTALL = _keyed("install")                         # language (None: no language) -> section
+README_SECTIONS = _texts("readme_section")
+CHANGELOG_ITEMS = _texts("changelog_item")
+AGENTS = _texts("agent")
+AGENT_REPLIES = _keyed_lists("agent_reply")         # ticket category -> replies
+AGENT_GENERIC = _texts("agent_generic")             # agent messages for the middle of a thread
+AGENT_CLOSINGS = _texts("agent_closing")            # after the resolving reply
+CUSTOMER_FOLLOWUPS = _texts("customer_followup")    # customer messages for the middle
+CUSTOMER_CLOSINGS = _texts("customer_closing")
+DIAGNOSTICS = _keyed("diagnostics")                 # ticket title -> pasted diagnostics
+PAPER_SECTIONS = _keyed_lists("paper_section")      # heading -> paragraphs
+SURNAMES = _texts("surname")                        # reference lists are composed from these
+REFERENCE_TITLES = _texts("reference_title")
+JOURNAL_PATTERNS = _texts("journal_pattern")
 
 MIN_WORDS, MAX_WORDS, MEDIAN_WORDS, SIGMA = 20, 1500, 140, 1.0
 SCHEMA = pa.schema([

@@ -7,9 +7,9 @@ Writes the same 50 rows in four formats, so that every reader can be tried on th
     docs.parquet   docs.jsonl   docs.csv   docs.duckdb (table ``docs``)
 
 Columns: ``id`` (string), ``kind`` ("package" | "ticket" | "abstract"), ``title`` (string),
-``text`` (string, 40 to 250 words). Rows 1-48 are hand-written documents from corpus_text.py,
-sixteen of each kind, ids ``pkg-001`` … ``pkg-016``, ``tkt-001`` … ``tkt-016``,
-``abs-001`` … ``abs-016``.
+``text`` (string, 40 to 250 words). Rows 1-48 are the hand-written documents of
+corpus_text.jsonl (one JSON object per line), sixteen of each kind in file order, ids
+``pkg-001`` … ``pkg-016``, ``tkt-001`` … ``tkt-016``, ``abs-001`` … ``abs-016``.
 
 The last two rows are deliberate edge cases that a job must answer with a row status instead of
 crashing:
@@ -36,23 +36,33 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus_text import ABSTRACTS, PACKAGES, TICKETS  # noqa: E402
-
+HERE = Path(__file__).resolve().parent
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("kind", pa.string(), nullable=False),
     pa.field("title", pa.string(), nullable=False),
     pa.field("text", pa.string()),
 ])
-KINDS = {"package": ("pkg", PACKAGES), "ticket": ("tkt", TICKETS), "abstract": ("abs", ABSTRACTS)}
+PREFIX = {"package": "pkg", "ticket": "tkt", "abstract": "abs"}
 MIN_WORDS, MAX_WORDS = 40, 250
+
+
+def load_documents(path: Path = HERE / "corpus_text.jsonl") -> dict[str, list[dict]]:
+    """The hand-written documents by kind, in file order. Each line is one JSON object: ``kind``,
+    ``title``, ``text`` and the facts behind the text (see jobs/README.md)."""
+    docs: dict[str, list[dict]] = {kind: [] for kind in PREFIX}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            docs[doc["kind"]].append(doc)
+    return docs
 
 
 def sample_rows() -> list[dict]:
     """The 48 documents in a fixed order, then the two edge-case rows."""
     rows = []
-    for kind, (prefix, docs) in KINDS.items():
+    for kind, docs in load_documents().items():
+        prefix = PREFIX[kind]
         assert len(docs) == 16, (kind, len(docs))
         for i, doc in enumerate(docs, start=1):
             n = len(doc["text"].split())
