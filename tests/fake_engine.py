@@ -48,6 +48,8 @@ class FakeTokenizer:
     """Byte-level tokenizer with a trivial chat template."""
 
     eos_token_ids = (1,)
+    hf = None  # no Hugging Face tokenizer: constrained decoding cannot run
+    name = "fake-bytes"
     pad_token_id = 0
     bos_token_id = 2
     vocab_size = 256 + _OFFSET
@@ -87,6 +89,8 @@ class FakeEngine:
         self.tokenizer = FakeTokenizer()
         self.max_context = max_context
         self.block_size = block_size
+        self.refill = False
+        self.eos_token_ids = self.tokenizer.eos_token_ids
         self.delay = delay
         self.model = model
         self.stats = EngineStats()
@@ -150,7 +154,7 @@ class FakeEngine:
 
 def open_engine(model: str, *, dummy: bool = False, device: str | None = None, dtype: str | None = None,
                 policy=None, gpu_memory: int | None = None, cpu_memory: int | None = None,
-                offload_dir: str | None = None) -> FakeEngine:
+                offload_dir: str | None = None, prompt_len: int = 512, gen_len: int = 32) -> FakeEngine:
     """Same signature as corpusgen.engine.load.open_engine; settings from CORPUSGEN_FAKE_* env vars."""
     env = os.environ.get
     oom_rows = env("CORPUSGEN_FAKE_OOM_ROWS")

@@ -7,7 +7,8 @@ The engine yields :class:`Result` objects; it never prints.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
+from typing import Generator as GeneratorType
 
 FINISH_REASONS = ("eos", "stop", "length", "error")
 
@@ -78,14 +79,56 @@ class EngineStats:
     peak_bytes: dict[str, int] = field(default_factory=dict)
 
 
-class Generator(Protocol):
-    """What the job runner needs from an engine."""
+class Tokenizer(Protocol):
+    """What the job layer needs from a model's tokenizer (engine/tokenizer.py; IdTokenizer for presets)."""
 
+    name: str
+    eos_token_ids: tuple[int, ...]
+    """Tokens that end a row (empty: rows end at max_new_tokens or a stop string)."""
+    hf: Any
+    """The Hugging Face tokenizer that constrained decoding drives, or None (then answers are only validated)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def chat_prompt(self, system: str | None, user: str) -> list[int]: ...
+
+    def fingerprint(self) -> str: ...
+
+
+class Generator(Protocol):
+    """What the job runner needs from an engine (engine.load.Engine; tests pass doubles)."""
+
+    tokenizer: Tokenizer
     max_context: int
     """Longest prompt + generation the model accepts."""
+    block_size: int
+    """Rows the engine runs together (a block); the runner hands it windows of whole blocks."""
+    eos_token_ids: tuple[int, ...]
+    """Tokens that end a row in this engine (the tokenizer's, else the model config's)."""
+    refill: bool
+    """True when the engine keeps its block full from everything it is given (finished rows'
+    slots take waiting rows): the runner then hands it a whole window at once."""
     stats: EngineStats
 
     def generate(self, requests: Sequence[Request], sampling: SamplingSettings,
-                 logits_hook: LogitsHook | None = None) -> Iterator[Result]:
+                 logits_hook: LogitsHook | None = None) -> GeneratorType[Result, None, None]:
         """Generate for all ``requests``; yield each row's result (in any order) when it finishes."""
         ...
+
+    def describe(self) -> dict:
+        """What ran (model, device, dtype, policy, placement), recorded with the run."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine's memory and files."""
+        ...
+
+
+class GeneratorFactory(Protocol):
+    """``open_engine``'s signature: how the runner opens a Generator for a job."""
+
+    def __call__(self, model: str, *, dummy: bool, device: str | None, dtype: str | None, policy: Any,
+                 gpu_memory: int | None, cpu_memory: int | None, offload_dir: str | None,
+                 prompt_len: int, gen_len: int) -> Generator: ...

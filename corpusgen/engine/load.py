@@ -68,6 +68,7 @@ class IdTokenizer:
 
     name = "ids"
     eos_token_ids: tuple[int, ...] = ()
+    hf = None  # no Hugging Face tokenizer: constrained decoding cannot run
     pad_token_id = 0
     has_chat_template = False
 
@@ -114,6 +115,14 @@ class Engine:
     @property
     def block_size(self) -> int:
         return self.policy.block_size
+
+    @property
+    def refill(self) -> bool:
+        return self.policy.refill
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(self.block.eos))
 
     @property
     def stats(self) -> EngineStats:

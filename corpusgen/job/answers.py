@@ -109,9 +109,9 @@ def bind_grammar(constraint: Any, engine: Any, emit) -> Any:
         emit(JobWarning(message=f"output.schema: constrained decoding is looser than the schema ({note}); "
                                 "answers are still validated, rows that break it are schema_invalid"))
     tok = engine.tokenizer
-    eos = tuple(getattr(tok, "eos_token_ids", ()) or ()) or tuple(getattr(engine.config, "eos_token_ids", ()) or ())
-    if getattr(tok, "hf", None) is None or not eos:
-        emit(JobWarning(message=f"{getattr(tok, 'name', type(tok).__name__)}: this tokenizer cannot drive "
+    eos = tuple(engine.eos_token_ids)
+    if tok.hf is None or not eos:
+        emit(JobWarning(message=f"{tok.name}: this tokenizer cannot drive "
                                 "constrained decoding; answers are validated only"))
         return None
     from corpusgen.job.structured import Grammar

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import os
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from corpusgen.job.columns import describe as describe_columns
-from corpusgen.engine.api import Request
+from corpusgen.engine.api import Generator, GeneratorFactory, Request
 from corpusgen.errors import CorpusgenError, LockedError, ModelError, ResumeMismatch
 from corpusgen.job.events import (Event, JobFinished, JobStarted, JobWarning, RateWindow, RowsCommitted,
                               RunSummary)
@@ -42,7 +41,6 @@ from corpusgen.job.answers import answer_format as _answer_format
 from corpusgen.job.answers import bind_grammar as _grammar
 from corpusgen.job.safety import free_memory, is_oom, signals_as_interrupt, uninterrupted
 
-DEFAULT_BLOCK = 32
 _MAX_DUP_WARNINGS = 3
 
 
@@ -65,32 +63,20 @@ def _policy_with_compress(policy, compress: str):
     return policy.replace(compress_weights=Compression() if w else None, compress_kv=Compression() if kv else None)
 
 
-def _open_engine(spec: JobSpec, factory: Callable[..., Any], policy, dummy: bool, emit,
-                 prompt_len: int | None = None) -> Any:
+def _open_engine(spec: JobSpec, factory: GeneratorFactory, policy, dummy: bool, emit,
+                 prompt_len: int | None = None) -> Generator:
     e = spec.engine
-    kwargs: dict[str, Any] = dict(dummy=dummy, device=None if e.device == "auto" else e.device,
-                                  dtype=None if e.dtype == "auto" else e.dtype, policy=policy,
-                                  gpu_memory=e.gpu_memory, cpu_memory=e.cpu_memory, offload_dir=e.offload_dir)
     if e.compress != "auto":
         if policy is not None:
-            kwargs["policy"] = _policy_with_compress(policy, e.compress)
-        elif "compress" in inspect.signature(factory).parameters:
-            kwargs["compress"] = e.compress
+            policy = _policy_with_compress(policy, e.compress)
         else:
             emit(JobWarning(message=f"engine.compress={e.compress} needs an explicit policy; "
                                     "ignored with policy auto"))
-    if "gen_len" in inspect.signature(factory).parameters:
-        kwargs["gen_len"] = spec.generation.max_new_tokens  # sizes the KV cache in the memory check
-    if prompt_len is not None and "prompt_len" in inspect.signature(factory).parameters:
-        kwargs["prompt_len"] = prompt_len  # the memory check uses what the planner planned for
-    return factory(spec.model, **kwargs)
-
-
-def _block_size(engine: Any) -> int:
-    size = getattr(engine, "block_size", None)
-    if size is None and getattr(engine, "policy", None) is not None:
-        size = getattr(engine.policy, "block_size", None)
-    return int(size or DEFAULT_BLOCK)
+    # gen_len sizes the KV cache in the memory check; prompt_len is what the planner planned for
+    return factory(spec.model, dummy=dummy, device=None if e.device == "auto" else e.device,
+                   dtype=None if e.dtype == "auto" else e.dtype, policy=policy, gpu_memory=e.gpu_memory,
+                   cpu_memory=e.cpu_memory, offload_dir=e.offload_dir, prompt_len=prompt_len or 512,
+                   gen_len=spec.generation.max_new_tokens)
 
 
 def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str | Path | None = None,
@@ -190,7 +176,7 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
             run = _Run(spec=spec, out=here, manifest=manifest, engine=engine, reader=reader, emit=emit,
                        commit_rows=commit_rows, commit_seconds=commit_seconds, window_blocks=window_blocks,
                        job_dir=out, others=others, ranks=ranks, constraint=constraint, typed=typed)
-            describe = engine.describe() if hasattr(engine, "describe") else {"model": spec.model}
+            describe = engine.describe()
             if gpu is not None and describe.get("device") == "cuda":
                 describe = {**describe, "device": f"cuda:{gpu}"}  # "cuda" is this rank's current device
             if plan is not None:
@@ -205,7 +191,7 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
         finally:
             for m in (manifest, *others):
                 m.close()
-            if engine is not None and hasattr(engine, "close"):
+            if engine is not None:
                 engine.close()
 
 
@@ -294,7 +280,7 @@ class _Run:
         self.others, self.ranks = others, ranks or Ranks()  # other launches' manifests; this process's rank
         self.reader, self.emit = reader, emit
         self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.block_size = _block_size(engine)
+        self.block_size = engine.block_size
         self.commit_rows = commit_rows or self.block_size
         self.commit_seconds = commit_seconds
         self.window_rows = self.block_size * max(1, window_blocks)
@@ -406,7 +392,7 @@ class _Run:
     def _generate(self, window: list[Prompt]) -> None:
         """Sort a window by prompt length (little padding per block), run it block by block."""
         window.sort(key=lambda p: len(p.ids))
-        if getattr(getattr(self.engine, "policy", None), "refill", False):
+        if self.engine.refill:
             self._run_block(window)  # the engine keeps its block full from the whole window (refill)
             return
         for i in range(0, len(window), self.block_size):
@@ -463,8 +449,7 @@ class _Run:
                 assert prompt is not None, f"engine returned an unknown or repeated key {r.key!r}"
                 self._add(self.maker.from_result(r, prompt))
         finally:
-            if hasattr(results, "close"):
-                results.close()
+            results.close()
 
     # --- commits -------------------------------------------------------------------------------
     def _add(self, row: OutputRow) -> None:
