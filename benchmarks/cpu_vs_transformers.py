@@ -17,7 +17,7 @@ In fp32 our engine's linears go through oneDNN's fp32 matmul (layers.linear, aft
 probe). ``--hf-onednn`` adds a transformers row with ``torch.backends.mkldnn.matmul.fp32_precision
 = "bf16"`` set around its generate() calls: on CPUs without AMX (and when the same probe passes
 for F.linear under the flag) that reaches the same oneDNN fp32 kernel. ``--ours-mkl`` adds a row
-of our engine with MKL's matmul (layers.CPU_ONEDNN_FP32 = False), the path before this change.
+of our engine with MKL's matmul (layers.CPU_ONEDNN_FP32 = False), the path other CPUs take.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 Shapes are the engine's: one query per row against a narrowed (strided) fp16 cache, with and
 without the padding mask, for OPT-6.7B (128 rows x 32 heads x 128), OPT-30B (56 heads) and a small
 OPT-1.3B batch (32 heads x 64). The kernel takes multi-head caches only; grouped-query caches stay
-on SDPA (the grouped variant measured on 2026-11-22 is in benchmarks/results/…-s4-decode-attention-micro.jsonl). For each: GPU time per
+on SDPA (docs/benchmarks.md#measurements-behind-engine-defaults). For each: GPU time per
 call (CUDA events over ``--iters`` back-to-back calls), the KV bytes it reads and the bandwidth
 that implies, the host time per call (how long Python takes to launch it), and the largest
 difference from a float64 reference.

@@ -138,20 +138,21 @@ _cfg("opt30b-16g-c4-plan", "opt-30b", dict(gpu_batch_size=64, num_gpu_batches=7,
                                            compress_weights={"bits": 4, "group_size": 64},
                                            compress_kv={"bits": 4, "group_size": 64}), **_GPU16)
 # Chunked prefill, staggered batches (refill): each step computes one batch's prompt chunk while
-# the link carries the other batches' KV (docs/benchmarks.md c2). A corpus run: 4 blocks of rows.
+# the link carries the other batches' KV (docs/benchmarks.md#opt-30b-16-gib-gpu-4-bit). A corpus
+# run: 4 blocks of rows.
 _C4_CHUNKED = dict(CONFIGS["opt30b-16g-c4-plan"]["policy"], prefill_chunk=104)
 _cfg("opt30b-16g-c4-chunked", "opt-30b", _C4_CHUNKED, num_seqs=1792, **_GPU16)
 _cfg("opt30b-16g-c4-chunked-448", "opt-30b", _C4_CHUNKED, num_seqs=448, **_GPU16)
 # Longer chunks: fewer steps per prompt, so more steps decode all seven batches, while a chunk's
-# compute still hides behind the link (chunk 104 left ~0.5 s of a 1.9 s step; docs/benchmarks.md c2).
+# compute still hides behind the link (docs/benchmarks.md#measurements-behind-engine-defaults).
 for _c in (128, 171):
     _cfg(f"opt30b-16g-c4-chunked{_c}", "opt-30b", dict(_C4_CHUNKED, prefill_chunk=_c), num_seqs=1792, **_GPU16)
 # ... with two fewer layers' weights on the GPU: the chunk's larger transients need the room (at
-# 18/48 the allocator's free-and-retry path ran 440 times in a 1792-row run).
+# 18/48 the allocator falls back to freeing and retrying).
 _cfg("opt30b-16g-c4-chunked128-w16", "opt-30b", dict(_C4_CHUNKED, prefill_chunk=128, weights={"gpu": 16 / 48, "cpu": 32 / 48}),
      num_seqs=1792, **_GPU16)
 # Activations on the GPU (a chunk's are small: 64 x 104 columns) and that memory holding 26 layers'
-# weights: slower (137.1 tok/s, 866 allocator retries; c2).
+# weights: the counter-example, slower for the allocator's retries.
 _cfg("opt30b-16g-c4-chunked-g26-448", "opt-30b", dict(_C4_CHUNKED, weights={"gpu": 26 / 48, "cpu": 22 / 48},
                                                       activations={"gpu": 1, "cpu": 0}), num_seqs=448, **_GPU16)
 _cfg("opt30b-16g-cpuattn", "opt-30b", dict(gpu_batch_size=32, num_gpu_batches=2, weights={"gpu": 8 / 48, "cpu": 40 / 48},

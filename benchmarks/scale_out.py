@@ -4,7 +4,7 @@ OPT-30B with dummy weights, prompt 512, 32 new tokens, 16 GiB GPU budget per GPU
 workload as `corpusgen bench` runs it (every row generates 32 tokens):
 
     (a) single  one GPU, 16 × 5 rows, weights 8 GPU / 40 CPU, KV and activations on the CPU
-                (the planner's policy, 35.4 tok/s on one H200: docs/benchmarks.md (e))
+                (the planner's policy; docs/benchmarks.md#two-gpus-data-and-pipeline-parallel)
     (b) dp      2 ranks (torchrun), each its own GPU and a whole model with (a)'s policy: 2 × 80
                 rows, 2 × 102 GiB pinned (SCALE_OUT_DP_BATCHES=4 gives 16 × 4 rows and 91 GiB per
                 rank, should the host run short)

@@ -171,8 +171,8 @@ def _measure(engine, share, ranks, n: int, prompt_len: int, gen_len: int, seed: 
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(engine.device)
         s = SamplingSettings(max_new_tokens=gen_len, temperature=0.0)
-        # Warm-up, not timed: the first call of a process loads kernels and picks GEMM algorithms
-        # (0.13 s of a 0.18 s prefill of OPT-6.7B at batch 4, measured on the H200).
+        # Warm-up, not timed: the first call of a process loads kernels and picks GEMM algorithms,
+        # which can take most of a small prefill.
         list(engine.generate([Request(key="warm-up", prompt_ids=reqs[0].prompt_ids[:16])],
                              SamplingSettings(max_new_tokens=2, temperature=0.0)))
         engine.block.stats.__init__()

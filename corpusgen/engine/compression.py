@@ -38,10 +38,10 @@ stores blocks of 32 along the row as ``d * q + m`` (fp16 ``d`` and ``m``, ``q`` 
 to ``m`` and ``d``, and the codes are reproduced — the second round trip is exact, bit for bit
 from the loader's fp32 values (tests/test_compression.py, tests/test_compression_accuracy.py;
 ``open_engine`` quantises GGUF weights from fp32 for this reason). With group 64 the default
-model's perplexity rises 42 % (docs/benchmarks.md). ``Q4_0`` (``d * (q - 8)``) and the K-quants
-(sub-blocks of 32) are reproduced exactly only in blocks whose codes span the full range (rare
-for Q4_0, whose ``d`` is set by the largest |value|); elsewhere the extra error stays below half
-a GGUF step. So use ``group_size: 32`` for GGUF Q4 sources; the size cost is 4 bytes per 32
+model's perplexity rises sharply (docs/benchmarks.md#accuracy-of-4-bit-compression). ``Q4_0``
+(``d * (q - 8)``) and the K-quants (sub-blocks of 32) are reproduced exactly only in blocks whose
+codes span the full range (rare for Q4_0, whose ``d`` is set by the largest |value|); elsewhere
+the extra error stays below half a GGUF step. So use ``group_size: 32`` for GGUF Q4 sources; the size cost is 4 bytes per 32
 values instead of per 64 (0.31 vs 0.28 of fp16).
 
 Rotating K and V first (:func:`kv_rotation`, the KV cache's ``rotate`` option, QuaRot's idea): a

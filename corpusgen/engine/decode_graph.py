@@ -1,9 +1,9 @@
 """CUDA graphs for the decode steps of a GPU-resident model.
 
 Why: with every weight and the whole KV cache on the GPU, a decode step is ~480 small dependent
-kernels (OPT-6.7B, 128 rows: 14.3 ms of GPU work), launched one by one from Python. Measured on
-an H200 the step took 15.6 ms of wall time, and 19–25 ms in processes where the host ran slower
-(docs/benchmarks.md a4): the GPU waited on the launches. A CUDA graph launches the whole step
+kernels (OPT-6.7B), launched one by one from Python, so the GPU waits on the launches and the
+step's wall time follows the host's speed (docs/benchmarks.md#measurements-behind-engine-defaults).
+A CUDA graph launches the whole step
 (embedding, every layer, the head) as one replay, so the host is out of the step's critical
 path; sampling and stop checks stay on the host, between replays.
 

@@ -72,7 +72,8 @@ class KVCaches:
             dst = None if isinstance(c, cq.Packed) else c[:, :, col:col + x.shape[2]]
             if x.is_cuda and dst is not None:
                 # A prompt into a batch-major host cache: rows x heads strips at a fixed pitch, one
-                # 2-D DMA from a contiguous copy on the GPU (kv_copy.py; ~40x PyTorch's staged copy).
+                # 2-D DMA from a contiguous copy on the GPU (kv_copy.py: PyTorch's copy stages through
+                # pageable memory, synchronously).
                 stage = x if x.is_contiguous() else kv_copy.tile_copy_(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
                 if kv_copy.host_2d_usable(dst, stage):
                     # On the current (store) stream: ``stage`` was allocated on it, ``x`` handed to it.

@@ -59,9 +59,9 @@ CPU_ONEDNN_FP32: bool | None = None
 
 def onednn_fp32() -> bool:
     """Whether fp32 CPU linears use oneDNN: on AMD CPUs, where MKL's sgemm runs AVX2 code and
-    oneDNN's AVX512 (2-core EPYC, 2 threads, SmolLM2 shapes: 2.5x on prefill GEMMs, 2.7x on
-    the 49k-wide head), when ``onednn_fp32_probe`` passes. On an Intel Xeon (AMX) the two measured within 10 %
-    (MKL ahead on prefill), so other CPUs keep ``F.linear``."""
+    oneDNN's AVX512 (much faster on prefill GEMMs and the 49k-wide head), when
+    ``onednn_fp32_probe`` passes. On an Intel Xeon (AMX) the two are level (MKL ahead on prefill),
+    so other CPUs keep ``F.linear``."""
     global CPU_ONEDNN_FP32
     if CPU_ONEDNN_FP32 is None:
         CPU_ONEDNN_FP32 = _cpu_vendor() == "AuthenticAMD" and onednn_fp32_probe(_onednn_linear)
@@ -79,8 +79,8 @@ def _cpu_vendor() -> str:
 def onednn_fp32_probe(fn) -> bool:
     """True when ``fn`` (x, w) -> x @ w.T exists and computes in fp32: on a random 16x1536 by
     1536x64 product, every output is within sqrt(K)·u·Σ|x·w| of the float64 value (u = 2^-24; the
-    probabilistic rounding bound of an fp32 dot product of length K). oneDNN's error measured 1/20
-    of it (MKL's 1/70), bf16 inputs 150x it: a oneDNN that rounds to bf16 (its bf16 fpmath mode,
+    probabilistic rounding bound of an fp32 dot product of length K). fp32 oneDNN and MKL stay well
+    inside it and bf16 inputs land far outside it: a oneDNN that rounds to bf16 (its bf16 fpmath mode,
     e.g. ONEDNN_DEFAULT_FPMATH_MODE=BF16 where a CPU implements it) is refused, not used."""
     if not torch.backends.mkldnn.is_available():
         return False
@@ -181,16 +181,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 SMALL_CPU_KV = 1 << 21
 """K elements up to which a single bf16/fp16 query attends through ``_decode_attend_cpu``: below
-it PyTorch's CPU flash kernel is dominated by a fixed ~1 ms per call; above it the kernel's
-in-place bf16 reads beat upcasting the cache to fp32 (4x on OPT-30B shapes)."""
+it PyTorch's CPU flash kernel is dominated by a fixed cost per call; above it the kernel's
+in-place bf16 reads beat upcasting the cache to fp32."""
 
 
 def _decode_attend_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        scale: float) -> torch.Tensor:
     """One query token per row on the CPU in bf16/fp16: two batched matmuls in fp32.
 
-    For small caches PyTorch's CPU flash kernel takes ~6x longer than this for a single bf16
-    query (SmolLM2 shapes, 2 cores: 1.1 ms vs 0.18 ms). Accumulating in fp32 keeps it as exact as
+    For small caches PyTorch's CPU flash kernel takes several times longer than this for a single
+    bf16 query (its fixed cost per call). Accumulating in fp32 keeps it as exact as
     the fused kernel. Heads of a group are consecutive (HF's repeat_kv).
     """
     b, heads, _, d = q.shape

@@ -87,7 +87,8 @@ class WeightStore:
         self._slot_events: list = [None, None]
         self._slot = 0
         # Two device buffers that streamed units are copied into, alternately, allocated once and
-        # reused for the whole run (not a fresh allocation per layer, 1.2 GB on OPT-30B). A buffer is
+        # reused for the whole run (not a fresh allocation per layer, which churns the allocator:
+        # an OPT-30B layer is 1.2 GB). A buffer is
         # refilled only after the event recorded when its last unit was released.
         self._buffers: list[dict[str, torch.Tensor]] = [{}, {}]
         self._buffer_free: list = [None, None]

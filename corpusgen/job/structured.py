@@ -356,8 +356,8 @@ def apply_bitmask(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """Set ``logits`` (rows, vocab) to -inf where ``bits`` (rows, words) int32 has a 0 bit, in place;
     columns beyond 32 × words (vocabulary padding) are masked too.
 
-    One gather of a byte → 8 biases table and one add: on a CPU 5–20× faster than unpacking bits and
-    ``masked_fill`` (0.7 ms for 32 rows of a 49k vocabulary, one thread)."""
+    One gather from a byte → 8 biases table and one add: on a CPU far cheaper than unpacking the
+    bits and ``masked_fill``, and the mask is applied every step on the engine's critical path."""
     rows, vocab = logits.shape
     assert bits.shape[0] == rows and bits.dtype == torch.int32, (bits.shape, rows, bits.dtype)
     dev = logits.device

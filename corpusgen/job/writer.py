@@ -117,7 +117,7 @@ _ROW_FIELDS = frozenset(f.name for f in dataclass_fields(OutputRow))
 
 def rows_table(rows: Sequence[OutputRow], schema: pa.Schema) -> pa.Table:
     """Rows as an Arrow table of ``schema``."""
-    # getattr, not dataclasses.asdict: asdict deep-copies every value and was most of the writer's time
+    # getattr, not dataclasses.asdict: asdict deep-copies every value, which would dominate the writer
     cols = {name: [getattr(r, name) for r in rows] if name in _ROW_FIELDS else
             [(r.typed or {}).get(name) for r in rows] for name in schema.names}  # typed answer columns
     return pa.Table.from_pydict(cols, schema=schema)

@@ -40,20 +40,20 @@ from corpusgen.planner.policy import Policy
 
 HOST_OVERHEAD_S = 5.2e-4
 """Host time to issue one unit's kernels for one GPU batch (eager PyTorch, ~16 launches). A GPU
-batch-layer never takes less. Calibrated on the H200: OPT-6.7B at batch 4 decoded in 12.0 ms
-(2026-11-21) and 17.7 ms (2026-11-22) per step over 34 units, where the GPU work is ~3 ms; the
-later, slower figure is used."""
+batch-layer never takes less. Calibrated, conservatively, against OPT-6.7B's decode step at batch 4,
+where the host, not the GPU, sets the pace (docs/benchmarks.md#the-planner-predicted-against-measured)."""
 
 KV_COMPRESS_HOST_S = 9e-4
 """Extra host time per layer per GPU batch when the KV cache is compressed: quantising the new
-token's K and V and dequantising the cache are ~50 more eager launches. Calibrated on the H200:
-OPT-6.7B 16 rows, 4-bit KV on the GPU, 48.5 ms per decode step against 17.7 uncompressed."""
+token's K and V and dequantising the cache are ~50 more eager launches. Calibrated against
+OPT-6.7B's decode step at 16 rows with 4-bit KV on the GPU, compared with the same step
+uncompressed."""
 
 KV_DEQUANT_EFFICIENCY = 0.4
 """Share of the profiled dequantisation rate (weights: one contiguous tensor) that a KV cache
 prefix reaches: it is a strided slice of the cache, made contiguous before the kernel, and
-dequantised into a fresh buffer every step. Calibrated on the H200: OPT-30B 64 × 7 with 4-bit KV,
-325 GB of fp16 KV produced per decode step in a 2.42 s step (≈ 135 GB/s against 363 profiled)."""
+dequantised into a fresh buffer every step. Calibrated against OPT-30B at 64 × 7 with 4-bit KV on
+the host: the dequantisation rate its decode step implies over the profiled rate."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,8 +92,8 @@ class StepTerms:
 
 NON_MATMUL_FACTOR = 1.3
 """Norms, activations, residual adds, KV writes and attention launches on top of the matmuls.
-Calibrated on the H200: OPT-6.7B prefill of 65,536 tokens ran at ~540 TFLOP/s of matmul work
-where the matmul table gives ~700."""
+Calibrated against OPT-6.7B's prefill of 128 x 512 tokens: the matmul rate the matmul table gives
+over the rate of matmul work the whole prefill achieves."""
 
 
 def step_terms(config: ModelConfig, policy: Policy, profile: HardwareProfile, *, q_len: int, ctx: int,

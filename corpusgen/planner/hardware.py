@@ -125,8 +125,8 @@ _H200 = HardwareProfile(
     gpu_matmul=_mm([(1, 3.5), (8, 28), (32, 110), (64, 210), (128, 360), (256, 520), (512, 620),
                     (1024, 690), (4096, 740), (16384, 760)]),
     gpu_attention_tflops=350.0, gpu_attention_gbps=3000.0, gpu_dequant_gbps=1500.0,
-    # CPU attention: bf16 over OPT-30B's cache on 16 host cores, measured 79 GB/s alone and 56 GB/s
-    # beside the link (2026-11-22, benchmarks/offload_micro.py).
+    # CPU attention: bf16 over OPT-30B's cache on 16 host cores while the host→GPU link is busy,
+    # which shares host memory bandwidth with it (benchmarks/offload_micro.py measures both).
     cpu_matmul_tflops=1.0, cpu_attention_gbps=60.0, cpu_dequant_gbps=4.0,
     gpu_memory_bytes=141 * 10**9, cpu_memory_bytes=126 * 2**30,
 )

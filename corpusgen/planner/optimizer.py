@@ -236,7 +236,9 @@ def _compressions(allow: bool) -> list[tuple[Compression | None, Compression | N
 
 
 GPU_HEADROOM = 0.08
-"""Share of the GPU budget the planner leaves unplanned (measured: a 15.8 GiB plan OOMed at 16 GiB)."""
+"""Share of the GPU budget the planner leaves unplanned: the allocator's fragmentation and the
+kernels' workspaces take memory the memory model does not count, so a plan that fills the budget
+runs out of memory."""
 
 
 def plan(config: ModelConfig, profile: HardwareProfile, *, prompt_len: int, gen_len: int, gpu_budget: int,

@@ -42,8 +42,8 @@ DEFAULT_PROMPT_LEN = 512
 PROMPT_SAMPLE_ROWS = 64
 """Rows a run tokenises to estimate its prompt length."""
 CPU_BATCH = 32
-"""gpu_batch_size on a CPU-only machine without budgets (measured: 2.5× the rows/s of 8 on the
-default model; larger blocks mostly add padding)."""
+"""gpu_batch_size on a CPU-only machine without budgets: wider matmuls use the cores better than
+small blocks do, and larger blocks mostly add padding."""
 CPU_SHAPES = ((1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (32, 1))
 """Candidate (gpu_batch_size, num_gpu_batches) on a CPU with budgets: blocks beyond 32 rows buy
 nothing there."""

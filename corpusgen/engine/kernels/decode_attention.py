@@ -2,9 +2,9 @@
 
 Why: in decode, attention reads the whole KV cache once per step and does almost no arithmetic,
 so it should run at HBM bandwidth. PyTorch's flash kernel tiles queries by 128 rows: with one query
-it does 128x the tensor-core work needed. Isolated, it still reads OPT-6.7B's cache (128 rows x 515
-columns, 1.08 GB a layer) in ~250 us, but inside a running engine it took ~460 us a layer; this
-kernel took ~340 us there, and the decode step fell from 23.5 to 16.5 ms (H200; docs/benchmarks.md).
+it does 128x the tensor-core work needed, and inside a running engine it falls well short of the
+bandwidth it reaches in isolation. Splitting the cache's columns instead keeps the GPU reading at
+HBM speed (docs/benchmarks.md#measurements-behind-engine-defaults).
 
 How (FlashDecoding): the grid is (batch x heads, splits). A program owns one row, one head and one
 contiguous span of columns; it streams K and V tiles, keeps a running max, sum and fp32 accumulator (online softmax),
@@ -14,10 +14,10 @@ that small batches still fill the GPU; with many rows a single split writes the 
 Masking: ``mask`` (batch, k_len) bool, True where a key is visible (the engine's padding mask for
 one query), or None. Every row must see at least one key (in decode its own).
 
-Multi-head caches only (OPT: one query head per KV head). A grouped-query variant (a group's heads
-as the rows of a tensor-core tile) measured level with SDPA's ``enable_gqa`` on a Llama-3-8B shape
-and 4x slower on SmolLM2's small caches (Triton's launch), so it was removed; grouped caches stay
-on SDPA.
+Multi-head caches only (OPT: one query head per KV head); grouped-query caches stay on SDPA. A
+grouped variant (a group's heads as the rows of a tensor-core tile) gains nothing over SDPA's
+``enable_gqa`` on large caches and loses to Triton's launch cost on small ones
+(docs/benchmarks.md#measurements-behind-engine-defaults).
 
 Numerics: scores, softmax and the weighted sum accumulate in fp32 from fp16/bf16 inputs, like the
 fused kernels; results differ from SDPA's by rounding only (checked in
@@ -37,7 +37,7 @@ from corpusgen.engine.kernels import tl, triton
 
 MIN_KV_ELEMENTS = 1 << 24
 """K elements from which the engine routes a single-query call here. Below it the call is short and
-Triton's launch (~35 us of host time) costs more than it saves; PyTorch's SDPA is used."""
+Triton's launch costs more host time than it saves; PyTorch's SDPA is used."""
 
 
 def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -50,9 +50,9 @@ def usable(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 _RUNTIME = ("sm_b", "k_len", "heads", "split_len", "n_splits")
 """Integer arguments Triton must not specialise on (divisibility by 16, == 1): they change every
-decode step, and each new specialisation is a JIT compile (an OPT-6.7B step of 16.5 ms averaged 26.9 ms
-with a compile inside the timed decode). Strides stay specialised: they are multiples of 16
-(head_dim is) and unspecialised they cost vectorised loads (measured 5.5x slower)."""
+decode step, and each new specialisation is a JIT compile that stalls the step. Strides stay
+specialised: they are multiples of 16 (head_dim is), and unspecialised ones lose the vectorised
+loads."""
 
 if triton is not None:
 
@@ -248,8 +248,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    # H200 sweep at OPT-6.7B's decode shape (benchmarks/offload_micro.py): 64-column tiles on 2 warps
-    # 0.260 ms (4.1 TB/s), 128 on 4 warps 0.302 ms, more warps slower; stages made no difference.
+    # Tiles of 8192 // d columns (64 at head_dim 128) on 2 warps: the fastest point of the tile, warp
+    # and stage sweep at OPT-6.7B's decode shape (benchmarks/offload_micro.py); stages do not matter.
     block_t = block_t or 8192 // d
     split_len, n_splits = _plan(b, heads, k_len, block_t, programs or _programs(q.device))
     out = torch.empty((b, heads, 1, d), dtype=q.dtype, device=q.device)

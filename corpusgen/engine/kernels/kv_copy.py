@@ -6,13 +6,13 @@ Both exist because PyTorch's ``copy_`` is slow for exactly the copies a prefill 
   memory, viewed as (batch, heads, seq, head_dim); the cache is (batch, heads, columns, head_dim).
   Neither side is contiguous, so ``copy_`` falls back to its element-wise kernel with two-byte
   accesses. Every (row, head, column) is still a contiguous ``head_dim`` vector on both sides, and
-  a Triton program that copies whole (tile, head_dim) blocks moves it at memory speed. Measured on
-  OPT-6.7B's prefill (128 x 512 tokens, H200): see docs/benchmarks.md (a3).
+  a Triton program that copies whole (tile, head_dim) blocks moves it at memory speed
+  (docs/benchmarks.md#measurements-behind-engine-defaults).
 * **Host cache, batch-major** (``copy_to_host_2d``). With CPU attention the host cache is
   (batch, heads, columns, head_dim), so a prompt's K lands as batch x heads strips, each one
   contiguous run of ``seq x head_dim`` elements at a fixed pitch: one ``cudaMemcpy2DAsync``. PyTorch
   has no strided device-to-host copy; ``copy_`` stages through a pageable tensor, synchronously,
-  and the host copies again (OPT-30B's prefill spent most of its 34.7 s there).
+  and the host copies again, which would dominate an offloaded prefill.
 
 Without CUDA (or without triton, or the CUDA runtime library) the callers use ``copy_``.
 """

@@ -36,8 +36,8 @@ def pre_attention(cfg: ModelConfig, w: Weights, h: torch.Tensor, positions: torc
     """hidden (b, s, hidden) -> q, k, v (b, heads, s, hd)."""
     x = layer_norm(h, w["attn_norm"], w["attn_norm_bias"], cfg.norm_eps) if cfg.do_layer_norm_before else h
     if "qkv_bias" in w and x.shape[0] * x.shape[1] <= DECODE_TOKENS:
-        # One GEMM over the fused weight (placement._fuse_qkv): at a decode step's 128 rows three
-        # 4096-wide GEMMs ran at ~2.4 TB/s of weights each; measured, prefill-sized ones did not gain.
+        # One GEMM over the fused weight (placement._fuse_qkv): at decode sizes three separate GEMMs
+        # read their weights below HBM speed; prefill-sized ones gain nothing from fusing.
         q, k, v = linear(x, w["qkv"], w["qkv_bias"]).split([w["q"].shape[0], w["k"].shape[0], w["v"].shape[0]], -1)
     else:
         q, k, v = (linear(x, w[n], w[f"{n}_bias"]) for n in ("q", "k", "v"))
