@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from corpusgen.engine.kernels import decode_attention as da
+from corpusgen.engine.kernels.dequantize import dequant4
 
 SHAPES = {  # name: (rows, heads, kv_heads, k_len, head_dim)
     "opt-6.7b 128 rows": (128, 32, 32, 515, 128),

@@ -29,7 +29,6 @@ def check() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-    from corpusgen.engine import compression as cq
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.load import IdTokenizer, open_engine
     from corpusgen.planner.policy import Compression, Placement, Policy
@@ -106,7 +105,8 @@ def check() -> None:
 
 
 def profile() -> None:
-    from corpusgen.planner.hardware import measure, save_profile
+    from corpusgen.engine.profile import measure
+    from corpusgen.planner.hardware import save_profile
 
     prof = measure("cuda", offload_dir=tempfile.mkdtemp(dir="/tmp"))
     save_profile(prof, OUT / "hardware.yaml")

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from corpusgen.engine.compression import (
     Packed,
-    compressed_nbytes,
     dequantize,
     hadamard,
     kv_rotation,
@@ -21,6 +20,7 @@ from corpusgen.engine.compression import (
     write_tokens,
 )
 from corpusgen.engine.layers import attend, attention_mask
+from corpusgen.engine.shapes import compressed_nbytes
 
 def per_element(t: torch.Tensor, p: Packed) -> torch.Tensor:
     """Expand a per-group tensor (mins or scales) to the original shape."""

@@ -169,7 +169,6 @@ def test_decode_graphs_compute_what_the_eager_steps_compute(monkeypatch, tmp_pat
     multi-head models through the split-KV kernel, grouped-query ones through SDPA with a mask."""
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-    from corpusgen.engine import decode_graph
     from corpusgen.engine.api import Request, SamplingSettings
     from corpusgen.engine.kv_cache import KVCaches
     from corpusgen.engine.load import IdTokenizer, open_engine

@@ -162,14 +162,13 @@ PLACEMENTS = [
 ]
 
 
+@pytest.mark.parametrize("tiny", ["llama", "opt"], indirect=True)
 @pytest.mark.parametrize("placement", range(len(PLACEMENTS)))
 @pytest.mark.parametrize("overlap", [True, False])
 def test_offloaded_equals_resident(tiny, placement, overlap, tmp_path):
     """Every placement of weights, KV cache and activations, with and without overlap and CPU
     attention, over 1 to 4 GPU batches, generates exactly what the all-resident engine does."""
     name, hf, path = tiny
-    if name not in ("llama", "opt"):
-        pytest.skip("placements are family-independent; two families suffice")
     resident = _generate(_engine(path, gpu_batch_size=6))
     for nb in (1, 2, 3, 4):
         gbs = -(-len(PROMPTS) // nb)
@@ -179,13 +178,12 @@ def test_offloaded_equals_resident(tiny, placement, overlap, tmp_path):
         eng.close()
 
 
+@pytest.mark.parametrize("tiny", ["llama", "opt"], indirect=True)
 @pytest.mark.parametrize("rotate", [True, False])
 def test_compressed_runs_every_placement(tiny, rotate, tmp_path):
     """4-bit weights and KV (K/V rotated before quantisation, or not) run through every placement
     and agree with each other exactly (the same quantised numbers, wherever they are stored)."""
     name, hf, path = tiny
-    if name not in ("llama", "opt"):
-        pytest.skip("two families suffice")
     comp = dict(compress_weights=Compression(bits=4, group_size=8),
                 compress_kv=Compression(bits=4, group_size=4, rotate=rotate))
     base = _generate(_engine(path, gpu_batch_size=6, **comp))
@@ -213,6 +211,7 @@ class _Forced:
         pass
 
 
+@pytest.mark.parametrize("tiny", ["llama", "opt"], indirect=True)
 @pytest.mark.parametrize("placement", [None, *range(len(PLACEMENTS))])
 def test_rotated_kv_cache_attends_like_the_plain_one(tiny, placement, tmp_path):
     """A compressed KV cache stores K and V rotated (compression.kv_rotation), with q rotated alike
@@ -221,8 +220,6 @@ def test_rotated_kv_cache_attends_like_the_plain_one(tiny, placement, tmp_path):
     with a shared prefix (copied as stored): a path that missed a rotation or its undo would be
     far off."""
     name, hf, path = tiny
-    if name not in ("llama", "opt"):
-        pytest.skip("two families suffice")
     pl = {} if placement is None else PLACEMENTS[placement]
     keys = [str(i) for i in range(len(PREFIXED))]
     targets = dict(zip(keys, _generate(_engine(path, gpu_batch_size=7), PREFIXED, n=6)))
@@ -347,12 +344,11 @@ def test_host_arena_counts_live_bytes_only():
     assert arena.used == 0 and arena.peak == 4096
 
 
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
 def test_refilling_job_with_host_kv_stays_within_budget(tiny, tmp_path):
     """Many waves of admitted and finished batches, KV on the host tier: the arena's live bytes
     return to the weights alone after the job (nothing leaks per batch)."""
     name, hf, path = tiny
-    if name != "llama":
-        pytest.skip("family-independent")
     eng = open_engine(path, dtype="float32", device="cpu", tokenizer=IdTokenizer(99), offload_dir=str(tmp_path),
                       policy=Policy(gpu_batch_size=2, num_gpu_batches=2, kv_cache=Placement(gpu=0.0, cpu=1.0)))
     eng.block.eos = set()
@@ -375,13 +371,12 @@ def test_chunked_weight_quantisation_equals_whole():
     assert all(torch.equal(x, y) for x, y in zip(a.buffers, b.buffers)) and a.shape == b.shape
 
 
+@pytest.mark.parametrize("tiny", ["llama", "qwen2"], indirect=True)
 def test_refill_and_early_exit_do_not_change_outputs(tiny, tmp_path):
     """Rows ending early (EOS) are compacted out, partly finished batches are merged (realigned
     at the later column) and waiting rows join mid-block as new GPU batches; every row's greedy
     output must equal the fixed-block (FlexGen-style) run's, on resident and offloaded placements."""
     name, hf, path = tiny
-    if name not in ("llama", "qwen2"):
-        pytest.skip("refill is family-independent; the tiny OPT repeats one token, so no row ends early")
     prompts = [[(7 * i + 3 * j) % 90 + 5 for j in range(2 + i % 5)] for i in range(23)]
 
     def run(**pol):
@@ -424,14 +419,13 @@ PREFIX = [21, 22, 23, 24, 25, 26]
 PREFIXED = [PREFIX + s for s in ([5, 6, 7], [10], [12, 13, 14, 15, 16], [3, 4], [40, 41, 42, 43, 44, 45, 46], [7])]
 
 
+@pytest.mark.parametrize("tiny", ["llama", "opt"], indirect=True)
 @pytest.mark.parametrize("placement", [None, *range(len(PLACEMENTS)), "compressed"])
 def test_shared_prefix_is_computed_once_and_changes_nothing(tiny, placement, tmp_path):
     """Prompts sharing a prefix: its K/V is computed once (counted) and copied into every batch,
     in every placement and compressed; greedy outputs equal the run without it (and, resident,
     transformers'). A row without the prefix still runs whole, beside prefixed batches."""
     name, hf, path = tiny
-    if name not in ("llama", "opt"):
-        pytest.skip("the prefix mechanism is family-independent; two families suffice")
     pol = {} if placement is None else dict(compress_kv=Compression(bits=4, group_size=4)) \
         if placement == "compressed" else PLACEMENTS[placement]
     prompts = PREFIXED + [[9, 9, 9]]  # the last row does not share the prefix
@@ -458,6 +452,7 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(tiny, placement, tmp
         assert plain_first == _hf_greedy(hf, PREFIXED)
 
 
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
 @pytest.mark.parametrize("grow", [64, 3])
 @pytest.mark.parametrize("placement", [None, 3, 4, 7, "compressed"])
 def test_merged_batches_keep_outputs_with_shared_prefix(tiny, placement, grow, tmp_path, monkeypatch):
@@ -467,16 +462,14 @@ def test_merged_batches_keep_outputs_with_shared_prefix(tiny, placement, grow, t
     seq-major; host batch-major with CPU attention) and compressed: every row's greedy output
     equals the run without prefix, refill, merging or growth."""
     name, hf, path = tiny
-    if name != "llama":
-        pytest.skip("merging is family-independent; the tiny OPT repeats one token, so no row ends early")
-    from corpusgen.engine import schedule
+    from corpusgen.engine import batches
 
     pol = {} if placement is None else dict(compress_kv=Compression(bits=8, group_size=4)) \
         if placement == "compressed" else PLACEMENTS[placement]
     prompts = [PREFIX + [(5 * i + 3 * j) % 80 + 10 for j in range(1 + i % 6)] for i in range(17)]
 
     def run(eos, cols=64, **kw):
-        monkeypatch.setattr(schedule, "KV_GROW", cols)
+        monkeypatch.setattr(batches, "KV_GROW", cols)
         eng = open_engine(path, dtype="float32", device="cpu", tokenizer=IdTokenizer(99), offload_dir=str(tmp_path),
                           policy=Policy(gpu_batch_size=4, num_gpu_batches=2, **pol, **kw))
         eng.block.eos = eos
@@ -500,12 +493,11 @@ def test_merged_batches_keep_outputs_with_shared_prefix(tiny, placement, grow, t
     assert (grows > 0) == (grow < 12), "caches should widen exactly when KV_GROW < max_new_tokens"
 
 
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
 def test_shared_prefix_choice(tiny):
     """The engine picks the longest common prefix (each row keeps a token of its own), keeps it
     while later calls still start with it, and skips prefixes too short to pay for a pass."""
     name, hf, path = tiny
-    if name != "llama":
-        pytest.skip("family-independent")
     eng = _engine(path, gpu_batch_size=4)
     reqs = lambda ps: [Request(key=str(i), prompt_ids=p) for i, p in enumerate(ps)]  # noqa: E731
     assert eng._shared_prefix(reqs(PREFIXED)) == tuple(PREFIX)
@@ -541,6 +533,7 @@ def test_positions_at_a_device_column_equal_positions_from_pad(prefix):
         assert torch.equal(L.positions_at(pad, torch.tensor([c]), prefix), want), c
 
 
+@pytest.mark.parametrize("tiny", ["llama", "opt"], indirect=True)
 @pytest.mark.parametrize("placement", [None, 3, 4, 7, "compressed", "compressed-gpu"])
 def test_chunked_prefill_equals_whole(tiny, placement, tmp_path):
     """Prompts fed ``prefill_chunk`` columns a step (chunked prefill; with refill, staggered
@@ -548,8 +541,6 @@ def test_chunked_prefill_equals_whole(tiny, placement, tmp_path):
     shared prefix, early exits (EOS), in each KV layout (GPU tier; host seq-major; host batch-major
     with CPU attention) and 4-bit compressed on the host and on the GPU tier."""
     name, hf, path = tiny
-    if name not in ("llama", "opt"):
-        pytest.skip("chunking is family-independent; two families suffice")
     comp = dict(compress_kv=Compression(bits=4, group_size=4), compress_weights=Compression(bits=4, group_size=8))
     pol = ({} if placement is None else dict(comp, kv_cache=Placement(gpu=0.0, cpu=1.0)) if placement == "compressed"
            else comp if placement == "compressed-gpu" else PLACEMENTS[placement])
@@ -576,12 +567,11 @@ def test_chunked_prefill_equals_whole(tiny, placement, tmp_path):
             assert run(chunk, prefixed, refill=refill, shared_prefix=True) == whole_prefixed, (chunk, refill, "prefix")
 
 
+@pytest.mark.parametrize("tiny", ["opt"], indirect=True)
 def test_chunked_prefill_staggers_batches(tiny, monkeypatch):
     """With refill, one batch is in its prompt at a time and its chunks share token steps with
     the other batches' decode steps: the overlap chunked prefill exists for."""
     name, hf, path = tiny
-    if name != "opt":
-        pytest.skip("scheduling only")
     from corpusgen.engine import schedule
 
     seen = []

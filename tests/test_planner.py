@@ -9,7 +9,8 @@ import pytest
 from corpusgen.engine.config import preset
 from corpusgen.errors import BudgetError
 from corpusgen.planner.cost_model import block_time
-from corpusgen.planner.hardware import BUILTIN, HardwareProfile, load_profile, measure, save_profile
+from corpusgen.engine.profile import measure
+from corpusgen.planner.hardware import BUILTIN, HardwareProfile, load_profile, save_profile
 from corpusgen.planner.memory import check_budgets, kv_layer_bytes, layer_weight_bytes, memory_per_tier, realise
 from corpusgen.planner.optimizer import plan
 from corpusgen.planner.policy import Compression, Placement, Policy, policy_from_dict

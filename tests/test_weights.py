@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from corpusgen.engine import shapes as S
 from corpusgen.engine import weights as W
 from corpusgen.engine.config import PRESETS, ModelConfig, preset
 from corpusgen.errors import ModelError
@@ -48,15 +49,15 @@ def _load_all(source, dtype=torch.float32):
 
 def _assert_matches_state_dict(config: ModelConfig, units, sd) -> None:
     """Every canonical tensor equals the HF tensor its table entry names, and nothing is missing."""
-    shapes = W.weight_shapes(config)
-    assert list(units) == W.unit_names(config)
+    shapes = S.weight_shapes(config)
+    assert list(units) == S.unit_names(config)
     for unit, tensors in units.items():
         assert set(tensors) == set(shapes[unit]), unit
         sources = W._unit_sources(W.HF_NAMES[config.family], unit)
         for name, t in tensors.items():
             assert tuple(t.shape) == shapes[unit][name], (unit, name)
             hf_name = sources[name]
-            if W.is_tied(config, unit, name):
+            if S.is_tied(config, unit, name):
                 assert t is units["embed"]["tokens"]
                 hf_name = sources[name].replace("lm_head.weight", "model.decoder.embed_tokens.weight"
                                                 if config.family == "opt" else "model.embed_tokens.weight")
@@ -225,7 +226,7 @@ def test_default_gguf_matches_transformers():
         if unit not in wanted:
             continue
         for name, src in W._unit_sources(W.HF_NAMES["llama"], unit).items():
-            if name in tensors and not W.is_tied(config, unit, name):
+            if name in tensors and not S.is_tied(config, unit, name):
                 diff = (tensors[name] - ref[src]).abs().max().item()  # cheaper than assert_close
                 assert tensors[name].shape == ref[src].shape and diff <= 1e-6, (unit, name, diff)
                 compared += 1
@@ -244,9 +245,9 @@ KNOWN_PARAMS = {"opt-125m": 125_239_296, "opt-350m": 331_196_416, "llama-2-7b": 
 def test_weight_shapes_of_every_preset(name):
     """Shapes drive dummy weights, the planner and memory accounting: they must match real models."""
     config = PRESETS[name]
-    shapes = W.weight_shapes(config)
-    assert list(shapes) == W.unit_names(config)
-    total = sum(math.prod(s) for u, d in shapes.items() for n, s in d.items() if not W.is_tied(config, u, n))
+    shapes = S.weight_shapes(config)
+    assert list(shapes) == S.unit_names(config)
+    total = sum(math.prod(s) for u, d in shapes.items() for n, s in d.items() if not S.is_tied(config, u, n))
     if name in KNOWN_PARAMS:
         assert total == KNOWN_PARAMS[name]
     else:  # opt-1.3b … opt-175b: within 3 % of the size in the name
@@ -259,7 +260,7 @@ def test_dummy_units_shapes_finite_deterministic(name):
     """Dummy weights stand in for real ones in benchmarks: right shapes, finite, reproducible."""
     # Real layer widths; a short vocabulary and context keep the test fast.
     config = preset(name).replace(num_layers=2, vocab_size=1000, max_positions=126)
-    shapes = W.weight_shapes(config)
+    shapes = S.weight_shapes(config)
     a = dict(W.dummy_units(config, dtype=torch.float32, seed=1))
     b = dict(W.dummy_units(config, dtype=torch.float32, seed=1))
     c = dict(W.dummy_units(config, dtype=torch.float16, seed=1))

@@ -65,41 +65,10 @@ from typing import Sequence
 import torch
 
 from corpusgen.engine.kernels import dequantize as dequantize_kernel
+from corpusgen.engine.shapes import _axis, _check, grouped_shape, packed_shape
 
 SCALE_DTYPE = torch.float16
 
-
-
-def _check(bits: int, group_size: int) -> None:
-    assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
-    assert group_size >= 2 and group_size % 2 == 0, f"group_size must be even and >= 2, got {group_size}"
-
-
-def _axis(axis: int, ndim: int) -> int:
-    assert -ndim <= axis < ndim, f"axis {axis} out of range for {ndim} dims"
-    return axis % ndim
-
-
-def grouped_shape(shape: Sequence[int], group_size: int, axis: int) -> tuple[int, ...]:
-    """Shape of ``mins``/``scales``: ``shape[axis]`` becomes the number of groups."""
-    a = _axis(axis, len(shape))
-    return (*shape[:a], math.ceil(shape[a] / group_size), *shape[a + 1 :])
-
-
-def packed_shape(shape: Sequence[int], bits: int, group_size: int, axis: int) -> tuple[int, ...]:
-    """Shape of ``data``: ``shape[axis]`` becomes the padded length in bytes."""
-    a = _axis(axis, len(shape))
-    padded = math.ceil(shape[a] / group_size) * group_size
-    return (*shape[:a], padded * bits // 8, *shape[a + 1 :])
-
-
-def compressed_nbytes(
-    shape: Sequence[int], bits: int = 4, group_size: int = 64, axis: int = -1, scale_dtype_bytes: int = 2
-) -> int:
-    """Bytes of ``quantize(torch.empty(shape), bits, group_size, axis)`` (data + mins + scales)."""
-    _check(bits, group_size)
-    data = math.prod(packed_shape(shape, bits, group_size, axis))
-    return data + 2 * math.prod(grouped_shape(shape, group_size, axis)) * scale_dtype_bytes
 
 
 def _can_pin() -> bool:

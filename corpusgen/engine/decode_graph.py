@@ -96,7 +96,7 @@ class DecodeGraphs:
         if self.failed:
             return False
         key = self._key(b)
-        g = b.graph
+        g = b.graph.graph
         if g is not None and g.key == key:
             g.ids.copy_(b.ids)
             g.col.fill_(b.col)
@@ -112,12 +112,12 @@ class DecodeGraphs:
             b.logits = g.logits
             self.replays += 1
             return True
-        b.graph = None  # frees the old graph's memory pool
-        if self.engine.policy.refill and b.graph_key != key:
-            b.graph_key = key  # refill changes batches (compaction, KV growth): capture when stable
+        b.graph.graph = None  # frees the old graph's memory pool
+        if self.engine.policy.refill and b.graph.key != key:
+            b.graph.key = key  # refill changes batches (compaction, KV growth): capture when stable
             return False
         t0 = time.perf_counter()
-        b.graph = self._capture(b, key)  # this step's logits in b.logits either way
+        b.graph.graph = self._capture(b, key)  # this step's logits in b.logits either way
         self.capture_seconds += time.perf_counter() - t0
         return True
 

@@ -27,20 +27,12 @@ from corpusgen.engine.schedule import BlockEngine
 from corpusgen.engine.tiers import DiskTier, HostArena
 from corpusgen.engine.weights import dummy_units, iter_units, load_config, resolve_source
 from corpusgen.errors import CorpusgenError, ModelError
+from corpusgen.planner.hardware import cpu_has_bf16
 from corpusgen.planner.memory import check_budgets, memory_per_tier
 from corpusgen.planner.policy import Policy
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 / AMX), where bf16 is ~5× fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -224,32 +216,13 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
         est = pipeline.stage_memory(cfg, stage, policy, prompt_len, gen_len, dtype_bytes=dtype_bytes)
     check_budgets(est, gpu_memory, cpu_memory)
     if dev.type == "cuda":
-        envs.configure_cuda_allocator()
-        if gpu_memory:
-            total = torch.cuda.get_device_properties(dev).total_memory
-            index = dev.index if dev.index is not None else torch.cuda.current_device()
-            torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory / total), index)
+        _cap_gpu(dev, gpu_memory)
     tmp = None
     if est.disk > 0 and offload_dir is None:
         tmp = offload_dir = tempfile.mkdtemp(prefix="corpusgen-offload-")
     disk = DiskTier(Path(offload_dir) / "weights") if est.disk > 0 else None
     arena = HostArena(cpu_memory)
-    if dummy:
-        units = dummy_units(cfg, dtype=dt, device=dev, seed=seed, only=wanted)
-        tok = tokenizer or IdTokenizer(cfg.vocab_size)
-    else:
-        source = resolve_source(model)
-        if source is None:
-            raise ModelError(f"{model}: a preset has shapes but no weights; add --dummy, or give a checkpoint directory or .gguf file")
-        # GGUF tensors are dequantised to fp32 anyway; weights to be compressed are quantised from
-        # those fp32 values, so 4-bit group-32 re-quantisation of Q4_1 is exact in any compute dtype.
-        gguf_fp32 = policy.compress_weights is not None and source.suffix == ".gguf"
-        units = iter_units(model, cfg, dtype=torch.float32 if gguf_fp32 else dt, only=wanted)
-        if tokenizer is None:
-            from corpusgen.engine.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(source)
-        tok = tokenizer
+    units, tok = _units(model, cfg, policy, dev, dt, dummy=dummy, seed=seed, only=wanted, tokenizer=tokenizer)
     if stage is not None:
         units = pipeline.local_units(units, stage)
     try:
@@ -276,6 +249,34 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
     store.load_stream = block.streams.load if block.streams.load is not block.streams.compute else None
     return kind(config=local_cfg, tokenizer=tok, policy=policy, device=dev, dtype=dt, block=block, store=store,
                 arena=arena, disk=disk, load_seconds=time.perf_counter() - t0, _tmpdir=tmp, **extra)
+
+
+def _cap_gpu(dev: torch.device, gpu_memory: int | None) -> None:
+    """The allocator's settings, and its cap at ``gpu_memory`` (the budget is hard)."""
+    envs.configure_cuda_allocator()
+    if gpu_memory:
+        total = torch.cuda.get_device_properties(dev).total_memory
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory / total), index)
+
+
+def _units(model: str, cfg: ModelConfig, policy: Policy, dev: torch.device, dt: torch.dtype, *, dummy: bool,
+           seed: int, only, tokenizer):
+    """The model's units as a stream of (name, weights), and its tokenizer."""
+    if dummy:
+        return dummy_units(cfg, dtype=dt, device=dev, seed=seed, only=only), tokenizer or IdTokenizer(cfg.vocab_size)
+    source = resolve_source(model)
+    if source is None:
+        raise ModelError(f"{model}: a preset has shapes but no weights; add --dummy, or give a checkpoint directory or .gguf file")
+    # GGUF tensors are dequantised to fp32 anyway; weights to be compressed are quantised from
+    # those fp32 values, so 4-bit group-32 re-quantisation of Q4_1 is exact in any compute dtype.
+    gguf_fp32 = policy.compress_weights is not None and source.suffix == ".gguf"
+    units = iter_units(model, cfg, dtype=torch.float32 if gguf_fp32 else dt, only=only)
+    if tokenizer is None:
+        from corpusgen.engine.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(source)
+    return units, tokenizer
 
 
 def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: bool, compress_kv=None) -> None:

@@ -46,8 +46,9 @@ from corpusgen.engine.api import Request, Result, SamplingSettings
 from corpusgen.engine.config import ModelConfig
 from corpusgen.engine.load import Engine
 from corpusgen.engine.placement import WeightStore
-from corpusgen.engine.schedule import BlockEngine, _Batch
-from corpusgen.engine.weights import weight_shapes
+from corpusgen.engine.batches import Batch
+from corpusgen.engine.schedule import BlockEngine
+from corpusgen.engine.shapes import weight_shapes
 from corpusgen.errors import CorpusgenError, PolicyError
 from corpusgen.planner.memory import MemoryEstimate, memory_per_tier
 from corpusgen.planner.policy import Policy
@@ -238,8 +239,8 @@ class StageEngine(BlockEngine):
         ``prefix`` is accepted for the Engine interface and not used."""
         st = self.stage
         queue = deque(requests)
-        self._widest = 0
-        subs: list[list[_Batch]] = [[] for _ in range(st.count)]
+        self.life.widest = 0
+        subs: list[list[Batch]] = [[] for _ in range(st.count)]
         owed = [False] * st.count  # sub-block i's last turn still awaits its tokens from the last stage
         try:
             while queue or any(subs):
@@ -248,8 +249,8 @@ class StageEngine(BlockEngine):
                         owed[i] = False
                         yield from self._receive_tokens(batches, sampling)
                     t0 = time.perf_counter()
-                    self._admit(queue, batches, sampling)
-                    self._grow(batches, sampling.max_new_tokens)
+                    self.life.admit(queue, batches, sampling)
+                    self.life.grow(batches, sampling.max_new_tokens)
                     self.admit_seconds += time.perf_counter() - t0
                     if not batches:
                         continue
@@ -257,7 +258,7 @@ class StageEngine(BlockEngine):
                     if st.last:
                         done = self._sample(batches, sampling, logits_hook, last=False)
                         self.link.send_tokens(torch.cat([b.ids[:, 0] for b in batches]))
-                        self._advance(batches)
+                        self.life.advance(batches)
                         yield from done
                     else:
                         owed[i] = True
@@ -266,7 +267,7 @@ class StageEngine(BlockEngine):
 
     run_block = run
 
-    def _turn(self, batches: list[_Batch]) -> None:
+    def _turn(self, batches: list[Batch]) -> None:
         """One sub-block through this stage's units: receive its hidden states, the block schedule's
         loop (schedule.BlockEngine._units, over ``unit_range``), each batch sent on by ``_computed``."""
         prefill = all(b.col == b.start for b in batches)
@@ -279,12 +280,12 @@ class StageEngine(BlockEngine):
         else:
             self.stats.decode_seconds += dt
 
-    def _computed(self, j: int, b: _Batch) -> None:
+    def _computed(self, j: int, b: Batch) -> None:
         if j == self.cfg.num_layers and not self.stage.last:  # the stage's last layer: pass the batch on
             self.link.send_hidden(self._output(b))
             b.hidden = None
 
-    def _output(self, b: _Batch) -> torch.Tensor:
+    def _output(self, b: Batch) -> torch.Tensor:
         """Batch ``b``'s hidden states where the link carries them. When activations rest on the
         host, the last layer's output went there: bring it back once its store has landed."""
         h = b.hidden
@@ -293,7 +294,7 @@ class StageEngine(BlockEngine):
             h = h.to(self.link.device, non_blocking=True)
         return h
 
-    def _receive_tokens(self, batches: list[_Batch], sampling: SamplingSettings) -> list[Result]:
+    def _receive_tokens(self, batches: list[Batch], sampling: SamplingSettings) -> list[Result]:
         """The last stage's tokens for ``batches``, through the same bookkeeping as there: each
         row's token becomes one-hot logits, which ``_sample`` picks whatever the settings."""
         sizes = [len(b.rows) for b in batches]
@@ -305,7 +306,7 @@ class StageEngine(BlockEngine):
             b.logits = None
             if self.stage.first:
                 b.ids = b.ids.to(self.device)  # the next turn's input
-        self._advance(batches)
+        self.life.advance(batches)
         return done
 
 

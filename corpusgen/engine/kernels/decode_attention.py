@@ -33,6 +33,7 @@ import math
 import torch
 
 from corpusgen.engine.kernels import tl, triton
+from corpusgen.engine.shapes import packed_fits  # noqa: F401  (the planner asks it too)
 
 
 MIN_KV_ELEMENTS = 1 << 24
@@ -277,14 +278,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if not direct:
         _combine_kernel[(b * heads,)](acc, m, l_s, out, n_splits, D=d, S_P=MAX_SPLITS)
     return out
-
-
-def packed_fits(cfg, compress) -> bool:
-    """Whether the kernel takes model ``cfg``'s cache under KV compression ``compress`` (the
-    model's side of ``packed_usable``; the memory model asks it too): 4-bit, one query head per
-    K/V head, head_dim 64/128/256, groups that divide it."""
-    return (compress is not None and compress.bits == 4 and cfg.num_heads == cfg.num_kv_heads
-            and cfg.head_dim in (64, 128, 256) and cfg.head_dim % compress.group_size == 0)
 
 
 def packed_usable(cfg, device: torch.device, dtype: torch.dtype, compress) -> bool:
