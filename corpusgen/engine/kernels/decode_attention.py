@@ -21,8 +21,9 @@ grouped variant (a group's heads as the rows of a tensor-core tile) gains nothin
 
 Numerics: scores, softmax and the weighted sum accumulate in fp32 from fp16/bf16 inputs, like the
 fused kernels; results differ from SDPA's by rounding only (checked in
-``selfcheck`` against a float64 reference). ``TRITON_INTERPRET=1`` runs the kernels on the CPU (with
-numpy 2, triton 3.5's interpreter needs a one-line fix of ``tensor.__index__``; CI has no triton).
+``selfcheck`` against a float64 reference). ``TRITON_INTERPRET=1`` runs the kernels on the CPU
+(tests/test_kernels.py, in CI; with numpy 2 the interpreter needs triton >= 3.7, whose
+``tensor.__index__`` takes one-element arrays).
 """
 
 from __future__ import annotations
