@@ -115,8 +115,15 @@ class Manifest:
             if readonly:
                 if not self.path.exists():
                     raise OutputError(f"{out_dir}: no {MANIFEST}; is this a corpusgen output directory?")
-                self.db = sqlite3.connect(self._readonly_uri(), uri=True, timeout=30)
-                tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                try:
+                    self.db = sqlite3.connect(self._readonly_uri(), uri=True, timeout=30)
+                    tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                except sqlite3.OperationalError as e:  # no room (a full disk) or no right to make its -shm
+                    if not self._walless() or (e.sqlite_errorcode & 0xFF) not in (_SQLITE_IOERR, *_SQLITE_ACCESS):
+                        raise
+                    self.close_quietly()
+                    self.db = sqlite3.connect(self._readonly_uri(immutable=True), uri=True, timeout=30)
+                    tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 missing = sorted({"job", "parts", "keys", "runs"} - tables)
                 if missing:  # an emptied or foreign file: "no such table" later would be a traceback
                     raise sqlite3.DatabaseError(f"no table {missing[0]}")
@@ -136,16 +143,21 @@ class Manifest:
             raise manifest_error(self.path, e) from None
         self.db.row_factory = sqlite3.Row
 
-    def _readonly_uri(self) -> str:
+    def _readonly_uri(self, *, immutable: bool = False) -> str:
         """Read-only, or immutable where nothing may be written: a copy on a read-only mount (or
-        without write permission) has no ``-shm`` for SQLite's read-only WAL mode to use. Immutable
-        ignores a WAL, so it is used only when there is none (a finished run folds its WAL in)."""
+        without write permission, or on a full disk) has no ``-shm`` for SQLite's read-only WAL mode
+        to use. Immutable ignores a WAL, so it is used only when there is none (a run folds its WAL
+        into the database when it ends)."""
         uri = "file:" + quote(str(self.path.resolve()))
-        wal = self.path.parent / (MANIFEST + "-wal")
         writable = os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK)
-        if not writable and (not wal.exists() or wal.stat().st_size == 0):
-            return uri + "?immutable=1"
-        return uri + "?mode=ro"
+        return uri + ("?immutable=1" if (immutable or not writable) and self._walless() else "?mode=ro")
+
+    def _walless(self) -> bool:
+        wal = self.path.parent / (MANIFEST + "-wal")
+        try:
+            return wal.stat().st_size == 0
+        except FileNotFoundError:
+            return True
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         """A query whose failure (a page garbled after opening) is a one-line OutputError."""
@@ -262,7 +274,7 @@ class Manifest:
                 (now_iso(), status, rows, gen_tokens, seconds, engine_seconds, overhead_seconds, run_id))
 
     def runs(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._read("SELECT * FROM runs ORDER BY started, run_id")]
+        return [dict(r) for r in self._read("SELECT * FROM runs ORDER BY started, rowid")]
 
     def key_counts(self) -> dict[str, int]:
         """Committed keys per part name (a part the parts table lacks may appear: dangling keys)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from corpusgen.errors import OutputError, QueryError
-from corpusgen.job.lock import open_nofollow, read_lock, written_elsewhere
+from corpusgen.job.lock import open_nofollow, own_file_problem, read_lock, written_elsewhere
 from corpusgen.job.manifest import (MANIFEST, MISSING, PROGRESS, Manifest, damaged_part_error, manifest_dirs,
                                     part_problem)
 from corpusgen.job.writer import part_number
@@ -38,6 +38,16 @@ def verify_for_reading(d: Path, parts: Sequence[Mapping[str, Any]], *, sha256: b
                               "again (corpusgen run JOB.yaml with this --output) to generate them again")
         if why is not None:
             raise damaged_part_error(path, p, why)
+
+
+def _check_manifest_file(out: Path) -> None:
+    """DIR/manifest.sqlite exists and is a regular file (not a link, not a directory)."""
+    if not os.path.lexists(out / MANIFEST):
+        raise OutputError(f"{out}: no {MANIFEST}; pass the output directory of a corpusgen run")
+    why = own_file_problem(out / MANIFEST)
+    if why is not None:
+        raise OutputError(f"{out / MANIFEST} {why}, not the manifest corpusgen wrote: replace it with the file "
+                          "itself (restore it from a backup)")
 
 
 def _read_progress(d: Path) -> dict[str, Any]:
@@ -117,8 +127,7 @@ def job_status(out_dir: str | Path, *, verify: bool = False) -> dict[str, Any]:
     entry per directory that ran. The state is that of the latest launch (its world size): running
     while any process holds a lock, else the worst of its ranks (dead, failed, interrupted, finished)."""
     out = Path(out_dir)
-    if not os.path.lexists(out / MANIFEST):
-        raise OutputError(f"{out}: no {MANIFEST}; pass the output directory of a corpusgen run")
+    _check_manifest_file(out)
     try:
         dirs = [_dir_status(*t, verify=verify) for t in manifest_dirs(out)]
     except OSError as e:  # an unreadable directory or file that no check above named
@@ -166,6 +175,7 @@ def connect_sql(out_dir: str | Path, *, verify: bool = True):
     Every part it serves matches its committed size and (with ``verify``, the default) sha256, else
     OutputError. Run queries with :func:`run_query`, which accepts only SELECT statements."""
     out = Path(out_dir)
+    _check_manifest_file(out)
     try:
         return _connect(out, verify)
     except OSError as e:
