@@ -2,8 +2,8 @@
 
 Every reader verifies what it serves (docs/reliability.md): each committed part must be on disk,
 a regular file, of its committed size — and of its committed sha256 when asked (``--verify``;
-``sql`` by default), or when its modification time is later than its commit. A missing or damaged
-part is refused with one line saying how to repair it, never served.
+``sql`` by default), or when its modification time differs from the one recorded at its commit.
+A missing or damaged part is refused with one line saying how to repair it, never served.
 
 ``sql`` is read-only: an in-memory DuckDB whose views are made first, after which file access is
 limited to the committed parts and the job's input (``allowed_paths``/``allowed_directories`` with
