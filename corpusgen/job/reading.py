@@ -283,7 +283,9 @@ def run_query(con: Any, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         if result is None:
             return [], []
         return list(result.columns), result.fetchall()
-    except duckdb.Error as e:  # also while fetching: a part damaged after it was verified
+    except duckdb.Error as e:  # also while fetching: a part damaged after it was verified (or not hashed)
+        if ".parquet" in str(e):
+            hint = "a part may be damaged: `corpusgen status DIR --verify` checks every part"
         raise QueryError(f"query failed: {_first_line(e)}; {hint}") from None
 
 
