@@ -145,7 +145,7 @@ def cli_mode(limit: int, repeats: int) -> None:
             t = time.perf_counter()
             subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
             wall = time.perf_counter() - t
-            from corpusgen.job.manifest import connect_sql
+            from corpusgen.job.reading import connect_sql
 
             con = connect_sql(out)
             run = con.execute("SELECT rows, gen_tokens, seconds, engine_seconds, load_seconds FROM runs").fetchall()[0]

@@ -47,5 +47,9 @@ class OutputError(CorpusgenError):
     """The output directory cannot be written, or a committed part is damaged."""
 
 
+class QueryError(CorpusgenError):
+    """A `corpusgen sql` query failed, or is not a read-only SELECT."""
+
+
 class OffloadIOError(CorpusgenError):
     """A read or write of the disk tier failed inside the engine."""

@@ -21,7 +21,8 @@ from conftest import read_outputs, write_job, write_parquet
 from corpusgen.cli import cli
 from corpusgen.errors import OffloadIOError, OutputError
 from corpusgen.job.events import JobWarning
-from corpusgen.job.manifest import job_status
+from corpusgen.job.manifest import Manifest
+from corpusgen.job.reading import job_status
 from corpusgen.job.runner import run_job
 from corpusgen.job.spec import load_spec
 from test_reliability import ROWS, finish, integrity, make_corpus_job, orphans, start
@@ -124,7 +125,11 @@ def test_damaged_part_is_refused_with_what_to_do(tmp_path, damage, fake_env):
     assert r.exit_code == 1
     _one_line_error(r.output, "part-00002.parquet", "committed part is damaged", "delete it and run again")
     assert part.exists() and len(list(out.glob("part-*.parquet"))) == 5
-    assert job_status(out)["rows_done"] == 40  # nothing was dropped from the manifest either
+    with pytest.raises(OutputError, match="part-00002.parquet: committed part is damaged"):
+        job_status(out)  # readers refuse it too
+    m = Manifest(out, readonly=True)
+    assert m.totals()["rows"] == 40  # nothing was dropped from the manifest either
+    m.close()
     part.unlink()
     summary, events = _run(job, out)
     assert any(isinstance(e, JobWarning) and "part-00002.parquet is missing" in e.message for e in events)

@@ -14,7 +14,7 @@ from pathlib import Path
 import fake_engine
 from fake_cli import SCRIPT as FAKE_CLI
 from conftest import REPO, make_rows, read_outputs, write_job, write_parquet
-from corpusgen.job.manifest import job_status
+from corpusgen.job.reading import job_status
 from corpusgen.job.runner import run_job
 from corpusgen.job.spec import load_spec
 

@@ -15,7 +15,8 @@ import fake_engine
 from conftest import make_rows, read_outputs, write_job, write_parquet
 from corpusgen.errors import LockedError, OutputError, ResumeMismatch
 from corpusgen.job.events import JobFinished, JobStarted, JobWarning, RowsCommitted
-from corpusgen.job.manifest import Manifest, OutputLock, clean_orphans, job_status, read_lock
+from corpusgen.job.manifest import Manifest, OutputLock, clean_orphans, read_lock
+from corpusgen.job.reading import job_status
 from corpusgen.job.runner import run_job
 from corpusgen.job.spec import load_spec
 from corpusgen.job.writer import OutputRow, output_schema, write_part

@@ -21,7 +21,8 @@ SQL_FORMATS = ("table", "csv", "json")
 
 
 def translate_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn CorpusgenError into click.ClickException (one line, exit code 1)."""
+    """Turn CorpusgenError into click.ClickException (one line, exit code 1); an OSError that no
+    check turned into one (a file that vanished or became unreadable meanwhile) too, naming the file."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -29,6 +30,9 @@ def translate_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except CorpusgenError as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from None
 
     return wrapper
 
@@ -139,15 +143,19 @@ def _plan_line(engine: dict[str, Any], plan: dict[str, Any]) -> str:
 @cli.command()
 @output_dir_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--verify", is_flag=True,
+              help="Compare every part's sha256 with the manifest (default: sizes, and sha256 of parts modified "
+                   "after their commit).")
 @translate_errors
-def status(directory: str, as_json: bool) -> None:
+def status(directory: str, as_json: bool, verify: bool) -> None:
     """Progress, rates, ETA and failures of a running or stopped job, read from DIR."""
-    from corpusgen.job.manifest import job_status
+    from corpusgen.job.reading import job_status
 
-    st = job_status(directory)
+    st = job_status(directory, verify=verify)
     if as_json:
         click.echo(json.dumps(st, indent=1, default=str))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     from corpusgen.cli.progress import fmt_seconds, fmt_statuses
@@ -158,7 +166,9 @@ def status(directory: str, as_json: bool) -> None:
         holder = f" (pid {lock['pid']} on {lock.get('host')} {_alive(lock)})"
     total = st["rows_total"] if st["rows_total"] is not None else "?"
     console = _console()
-    console.print(f"[bold]{st['name'] or directory}[/] in {st['output_dir']}: {st['state']}{holder}")
+    why = f" ({escape(st['reason'])})" if st.get("reason") else ""
+    console.print(f"[bold]{escape(st['name'] or directory)}[/] in {escape(st['output_dir'])}: "
+                  f"{st['state']}{why}{holder}")
     console.print(f"rows: {st['rows_done']}/{total} in {st['parts']} parts; statuses: {fmt_statuses(st['statuses'])}")
     console.print(f"failures: {fmt_statuses(st['failures'])}; generated tokens: {st['gen_tokens']}")
     if st["tokens_per_s"] is not None:
@@ -197,22 +207,17 @@ def _num(x: float | None, digits: int = 2) -> str:
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(SQL_FORMATS), default="table", show_default=True,
               help="Output format.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare every part's sha256 with the manifest before the query (--no-verify: sizes, and "
+                   "sha256 of parts modified after their commit).")
 @translate_errors
-def sql(directory: str, query: str, fmt: str) -> None:
-    """Run a DuckDB QUERY over DIR: views outputs, inputs, runs and parts."""
-    import duckdb
+def sql(directory: str, query: str, fmt: str, verify: bool) -> None:
+    """Run a read-only DuckDB QUERY (SELECT) over DIR: views outputs, inputs, runs and parts."""
+    from corpusgen.job.reading import connect_sql, run_query
 
-    from corpusgen.job.manifest import connect_sql
-
-    con = connect_sql(directory)
-    try:
-        result = con.sql(query)
-    except duckdb.Error as e:
-        raise click.ClickException(
-            f"query failed: {str(e).splitlines()[0]}; views are outputs, inputs, runs, parts") from None
-    if result is None:  # a statement without rows
+    columns, rows = run_query(connect_sql(directory, verify=verify), query)
+    if not columns:  # a statement without rows
         return
-    columns, rows = result.columns, result.fetchall()
     if fmt == "json":
         records = [dict(zip(columns, r, strict=True)) for r in rows]
         click.echo(json.dumps(records, indent=1, default=str, ensure_ascii=False))
@@ -224,10 +229,13 @@ def sql(directory: str, query: str, fmt: str) -> None:
         w.writerows(rows)
     else:
         from rich.table import Table
+        from rich.text import Text
 
-        t = Table(*columns)
-        for r in rows:
-            t.add_row(*("" if v is None else str(v) for v in r))
+        t = Table()
+        for c in columns:
+            t.add_column(Text(c))
+        for r in rows:  # Text: values are never read as rich markup ("[/x]" in an answer)
+            t.add_row(*(Text("" if v is None else str(v)) for v in r))
         _console().print(t)
 
 

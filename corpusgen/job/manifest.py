@@ -1,34 +1,39 @@
-"""The output directory's memory: committed parts and keys, the job fingerprint, runs, the lock.
+"""The output directory's memory: committed parts and keys, the job fingerprint, runs.
 
 ``manifest.sqlite`` (SQLite, WAL) is the single source of truth of what is done: a part counts
 once its row and its keys are committed in one transaction, after the file was renamed into place.
 Part files the manifest does not list (a crash between rename and commit) and ``*.tmp`` files are
 deleted by the next run. Before a run resumes, the manifest passes ``PRAGMA quick_check`` and each
 committed part its size and sha256 (:func:`verify_parts`): damage is refused, never accepted.
-The lock is an ``fcntl.flock`` on ``lock`` (pid, hostname and start time written inside); the
-kernel releases it when the holder dies, so a stale lock never blocks.
+Keys are checked against the parts too (:func:`check_keys`): a part whose key count differs from
+its rows has its keys rebuilt from the (verified) file, so a key is never generated twice.
+No file corpusgen writes here is ever a symbolic link or a directory (corpusgen.job.lock, which
+also holds the directory's lock): such a file is refused, never followed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sqlite3
+import stat
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import quote
 
-from corpusgen.errors import LockedError, OutputError
+from corpusgen.errors import OutputError
+from corpusgen.job.lock import LOCK, OutputLock, open_nofollow, own_file_problem, read_lock  # noqa: F401
 from corpusgen.job.ranks import parse_rank_dir
 from corpusgen.job.writer import PartInfo, part_number
 
 MANIFEST = "manifest.sqlite"
-LOCK = "lock"
 PROGRESS = "progress.json"
 OWN_FILES = (MANIFEST, MANIFEST + "-wal", MANIFEST + "-shm", MANIFEST + "-journal", LOCK, PROGRESS,
              PROGRESS + ".tmp", ".write-test")
@@ -39,7 +44,7 @@ CREATE TABLE IF NOT EXISTS job (
     spec TEXT NOT NULL, tokenizer TEXT, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS parts (
     name TEXT PRIMARY KEY, rows INTEGER NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
-    statuses TEXT NOT NULL, run_id TEXT NOT NULL, committed_at TEXT NOT NULL);
+    statuses TEXT NOT NULL, run_id TEXT NOT NULL, committed_at TEXT NOT NULL, mtime_ns INTEGER);
 CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, part TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, started TEXT NOT NULL, ended TEXT, status TEXT NOT NULL,
@@ -53,17 +58,75 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# --- files corpusgen writes: regular files, never links -------------------------------------------
+
+def check_own_files(out_dir: Path) -> None:
+    """Refuse a directory where one of corpusgen's own files is a link, a directory or a device."""
+    for name in OWN_FILES:
+        why = own_file_problem(out_dir / name)
+        if why is not None:
+            fix = ("replace it with the file itself (restore it from a backup)" if name.startswith(MANIFEST)
+                   else "remove it")
+            raise OutputError(f"{out_dir / name} {why}, not the file corpusgen keeps there: {fix} and run again")
+
+
+def disk_full(directory: Path) -> bool:
+    """Whether the file system of ``directory`` has (almost) no space left."""
+    try:
+        return shutil.disk_usage(directory).free < (1 << 20)
+    except OSError:
+        return False
+
+
+_SQLITE_FULL, _SQLITE_IOERR, _SQLITE_NOTADB, _SQLITE_CORRUPT = 13, 10, 26, 11
+_SQLITE_ACCESS = {3, 8, 14, 23}  # PERM, READONLY, CANTOPEN, AUTH
+
+
+def manifest_error(path: Path, e: sqlite3.Error) -> OutputError:
+    """The one-line error for a failed open or read of a manifest: a full disk, an I/O error or a
+    permission problem is said as such (the manifest is fine: never "run with --restart"); only
+    what SQLite finds malformed is called damaged."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == _SQLITE_FULL or (code == _SQLITE_IOERR and disk_full(path.parent)):
+        return OutputError(f"{path}: the disk is full ({e}); committed parts are intact: free space on "
+                           f"{path.parent} and run the same command again to resume")
+    if code == _SQLITE_IOERR:
+        return OutputError(f"{path}: I/O error reading or writing the manifest ({e}); committed parts are intact: "
+                           "check the disk and run the same command again")
+    if code in _SQLITE_ACCESS:
+        return OutputError(f"{path}: cannot open the manifest ({e}); check the permissions of the file and of "
+                           f"{path.parent}")
+    return OutputError(f"{path}: the manifest is damaged or unreadable ({e}); restore it from a backup, or run "
+                       "with --restart to move this directory aside and start over")
+
+
 class Manifest:
     """SQLite manifest of one output directory."""
 
     def __init__(self, out_dir: Path, *, readonly: bool = False):
         self.path = Path(out_dir) / MANIFEST
+        self.db: sqlite3.Connection | None = None
+        for name in (MANIFEST, MANIFEST + "-wal", MANIFEST + "-shm", MANIFEST + "-journal"):
+            why = own_file_problem(self.path.parent / name)  # SQLite would write through a link
+            if why is not None:
+                raise OutputError(f"{self.path.parent / name} {why}, not the file corpusgen keeps there: replace it "
+                                  "with the file itself (restore it from a backup)")
         try:
             if readonly:
-                if not self.path.is_file():
+                if not self.path.exists():
                     raise OutputError(f"{out_dir}: no {MANIFEST}; is this a corpusgen output directory?")
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
-                self.db.execute("PRAGMA schema_version").fetchone()  # reads the header: "not a database"?
+                try:
+                    self.db = sqlite3.connect(self._readonly_uri(), uri=True, timeout=30)
+                    tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                except sqlite3.OperationalError as e:  # no room (a full disk) or no right to make its -shm
+                    if not self._walless() or (e.sqlite_errorcode & 0xFF) not in (_SQLITE_IOERR, *_SQLITE_ACCESS):
+                        raise
+                    self.close_quietly()
+                    self.db = sqlite3.connect(self._readonly_uri(immutable=True), uri=True, timeout=30)
+                    tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                missing = sorted({"job", "parts", "keys", "runs"} - tables)
+                if missing:  # an emptied or foreign file: "no such table" later would be a traceback
+                    raise sqlite3.DatabaseError(f"no table {missing[0]}")
             else:
                 self.db = sqlite3.connect(self.path, timeout=30)
                 self.db.execute("PRAGMA journal_mode=WAL")
@@ -73,11 +136,41 @@ class Manifest:
                     raise sqlite3.DatabaseError(bad)
                 self.db.execute("PRAGMA synchronous=FULL")
                 self.db.executescript(_SCHEMA)
+                if "mtime_ns" not in {r[1] for r in self.db.execute("PRAGMA table_info(parts)")}:
+                    self.db.execute("ALTER TABLE parts ADD COLUMN mtime_ns INTEGER")  # written before parts kept it
         except sqlite3.Error as e:
             self.close_quietly()
-            raise OutputError(f"{self.path}: the manifest is damaged or unreadable ({e}); restore it from a "
-                              "backup, or run with --restart to move this directory aside and start over") from None
+            raise manifest_error(self.path, e) from None
         self.db.row_factory = sqlite3.Row
+
+    def _readonly_uri(self, *, immutable: bool = False) -> str:
+        """Read-only, or immutable where nothing may be written: a copy on a read-only mount (or
+        without write permission, or on a full disk) has no ``-shm`` for SQLite's read-only WAL mode
+        to use. Immutable ignores a WAL, so it is used only when there is none (a run folds its WAL
+        into the database when it ends)."""
+        uri = "file:" + quote(str(self.path.resolve()))
+        writable = os.access(self.path.parent, os.W_OK) and os.access(self.path, os.W_OK)
+        return uri + ("?immutable=1" if (immutable or not writable) and self._walless() else "?mode=ro")
+
+    def _walless(self) -> bool:
+        wal = self.path.parent / (MANIFEST + "-wal")
+        try:
+            return wal.stat().st_size == 0
+        except FileNotFoundError:
+            return True
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """A query whose failure (a page garbled after opening) is a one-line OutputError."""
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise manifest_error(self.path, e) from None
+
+    def _json(self, text: str, what: str) -> Any:
+        try:
+            return json.loads(text)
+        except (TypeError, ValueError):
+            raise manifest_error(self.path, sqlite3.DatabaseError(f"{what} is not JSON")) from None
 
     def close_quietly(self) -> None:
         with contextlib.suppress(Exception):
@@ -94,16 +187,17 @@ class Manifest:
                               "fix the disk (free space) and run the same command again to resume") from None
 
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
 
     # --- job ---------------------------------------------------------------------------------
     def job(self) -> dict[str, Any] | None:
         """The stored job (fingerprint, fields, spec, tokenizer, created) or None when new."""
-        row = self.db.execute("SELECT * FROM job WHERE id = 1").fetchone()
-        if row is None:
+        rows = self._read("SELECT * FROM job WHERE id = 1")
+        if not rows:
             return None
-        d = dict(row)
-        d["fields"], d["spec"] = json.loads(d["fields"]), json.loads(d["spec"])
+        d = dict(rows[0])
+        d["fields"], d["spec"] = self._json(d["fields"], "job.fields"), self._json(d["spec"], "job.spec")
         return d
 
     def set_job(self, fingerprint: str, fields: Mapping[str, Any], spec: Mapping[str, Any]) -> None:
@@ -123,15 +217,16 @@ class Manifest:
         for i in range(0, len(keys), 500):
             chunk = list(keys[i:i + 500])
             q = f"SELECT key, part FROM keys WHERE key IN ({','.join('?' * len(chunk))})"
-            found.update(self.db.execute(q, chunk).fetchall())
+            found.update((r[0], r[1]) for r in self._read(q, chunk))
         return found
 
     def commit_part(self, info: PartInfo, keys: Iterable[str], run_id: str) -> None:
         """Record a renamed part and its keys in one transaction (the commit point of its rows)."""
         with self._tx():
-            self.db.execute("INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self.db.execute("INSERT INTO parts (name, rows, size, sha256, statuses, run_id, committed_at, mtime_ns) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             (info.name, info.rows, info.size, info.sha256, json.dumps(dict(info.statuses)),
-                             run_id, now_iso()))
+                             run_id, now_iso(), info.mtime_ns))
             self.db.executemany("INSERT INTO keys VALUES (?, ?)", ((k, info.name) for k in keys))
 
     def forget_parts(self, names: Iterable[str]) -> None:
@@ -142,8 +237,8 @@ class Manifest:
                 self.db.execute("DELETE FROM parts WHERE name = ?", (name,))
 
     def parts(self) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM parts ORDER BY name").fetchall()
-        return [dict(r, statuses=json.loads(r["statuses"])) for r in rows]
+        rows = self._read("SELECT * FROM parts ORDER BY name")
+        return [dict(r, statuses=self._json(r["statuses"], "parts.statuses")) for r in rows]
 
     def next_part_number(self) -> int:
         numbers = [part_number(p["name"]) for p in self.parts()]
@@ -179,20 +274,51 @@ class Manifest:
                 (now_iso(), status, rows, gen_tokens, seconds, engine_seconds, overhead_seconds, run_id))
 
     def runs(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM runs ORDER BY started, run_id").fetchall()]
+        return [dict(r) for r in self._read("SELECT * FROM runs ORDER BY started, rowid")]
+
+    def key_counts(self) -> dict[str, int]:
+        """Committed keys per part name (a part the parts table lacks may appear: dangling keys)."""
+        return {r[0]: r[1] for r in self._read("SELECT part, count(*) FROM keys GROUP BY part")}
+
+    def replace_keys(self, part: str, keys: Sequence[str]) -> None:
+        """Make ``keys`` exactly the keys of ``part`` (rebuilt from its file); a key another part
+        already holds makes the manifest inconsistent beyond repair (an OutputError)."""
+        try:
+            with self.db:
+                self.db.execute("DELETE FROM keys WHERE part = ?", (part,))
+                self.db.executemany("INSERT INTO keys VALUES (?, ?)", ((k, part) for k in keys))
+        except sqlite3.IntegrityError:
+            raise OutputError(f"{self.path}: a key of {part} is recorded for another part too; the manifest is "
+                              "inconsistent: restore it from a backup, or run with --restart") from None
+        except sqlite3.Error as e:
+            raise manifest_error(self.path, e) from None
+
+    def forget_keys_of(self, parts: Iterable[str]) -> None:
+        """Drop keys that name a part the manifest does not list (their rows are generated again)."""
+        with self._tx():
+            for name in parts:
+                self.db.execute("DELETE FROM keys WHERE part = ?", (name,))
 
 
 def prepare_dir(out_dir: Path) -> None:
     """Create ``out_dir`` or refuse a directory that is not ours (it would be cleaned)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        check_own_files(out_dir)
         probe = out_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink(missing_ok=True)  # a run starting at the same moment may have removed it
+        probe.unlink(missing_ok=True)
+        try:
+            os.close(open_nofollow(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass  # a run starting at the same moment made it
+        probe.unlink(missing_ok=True)  # ... and may have removed it
     except OSError as e:
+        if e.errno == errno.ENOSPC or disk_full(out_dir if out_dir.is_dir() else out_dir.parent):
+            raise OutputError(f"{out_dir}: the disk is full ({e.strerror}); committed parts are intact: free space "
+                              "and run the same command again to resume") from None
         raise OutputError(f"{out_dir}: cannot write the output directory ({e.strerror}); "
                           "choose another --output") from None
-    if not (out_dir / MANIFEST).exists():
+    if not (out_dir / MANIFEST).exists() and not (out_dir / MANIFEST).is_symlink():
         foreign = [p.name for p in out_dir.iterdir() if p.name not in OWN_FILES
                    and part_number(p.name.removesuffix(".tmp")) is None and parse_rank_dir(p.name) is None]
         if foreign:
@@ -230,6 +356,53 @@ def check_not_lost(out_dir: Path, manifest: Manifest) -> None:
                               "--restart to move these files aside and start over")
 
 
+MISSING = "missing"
+
+
+def committed_at(part: Mapping[str, Any]) -> float:
+    """The commit time of a part as a POSIX timestamp (the manifest stores whole seconds)."""
+    try:
+        return datetime.fromisoformat(part["committed_at"]).timestamp()
+    except (TypeError, ValueError):
+        return 0.0  # unknown: any modification time counts as later
+
+
+def part_problem(path: Path, part: Mapping[str, Any], *, sha256: bool | None) -> str | None:
+    """What is wrong with the file of a committed part: :data:`MISSING`, a reason it is damaged, or
+    None when it matches the manifest. The size is always compared; the sha256 when ``sha256`` is
+    True, or — ``sha256=None`` — when the file may have been modified since its commit: its mtime
+    differs from the one recorded at commit (manifests before ``mtime_ns``: it is at least a second
+    later than ``committed_at``, which is rounded down to the second)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return MISSING
+    except OSError as e:
+        return f"it cannot be examined ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link, not the file corpusgen committed"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is a directory" if stat.S_ISDIR(st.st_mode) else "it is not a regular file"
+    if st.st_size != part["size"]:
+        return f"{st.st_size} bytes, committed with {part['size']}"
+    if sha256 is None:
+        recorded = part.get("mtime_ns")
+        sha256 = st.st_mtime_ns != recorded if recorded is not None else st.st_mtime >= committed_at(part) + 1.0
+    if sha256:
+        try:
+            digest = _sha256(path)
+        except OSError as e:
+            return f"it cannot be read ({e.strerror})"
+        if digest != part["sha256"]:
+            return "its contents changed since it was committed (sha256 differs)"
+    return None
+
+
+def damaged_part_error(path: Path, part: Mapping[str, Any], why: str) -> OutputError:
+    return OutputError(f"{path}: committed part is damaged ({why}); its {part['rows']} rows cannot be trusted. "
+                       "Restore it from a backup, or delete it and run again to generate those rows again")
+
+
 def verify_parts(out_dir: Path, manifest: Manifest) -> list[str]:
     """Check every committed part against its size and sha256 in the manifest before resuming.
 
@@ -238,24 +411,46 @@ def verify_parts(out_dir: Path, manifest: Manifest) -> list[str]:
     file is missing (the caller forgets them so that their rows are generated again).
     """
     check_not_lost(out_dir, manifest)
-    parts = manifest.parts()
     missing = []
-    for p in parts:
-        path = out_dir / p["name"]
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
+    for p in manifest.parts():
+        why = part_problem(out_dir / p["name"], p, sha256=True)
+        if why == MISSING:
             missing.append(p["name"])
-            continue
-        why = None
-        if size != p["size"]:
-            why = f"{size} bytes, committed with {p['size']}"
-        elif _sha256(path) != p["sha256"]:
-            why = "its contents changed since it was committed (sha256 differs)"
-        if why is not None:
-            raise OutputError(f"{path}: committed part is damaged ({why}); its {p['rows']} rows cannot be trusted. "
-                              "Restore it from a backup, or delete it and run again to generate those rows again")
+        elif why is not None:
+            raise damaged_part_error(out_dir / p["name"], p, why)
     return missing
+
+
+def check_keys(out_dir: Path, manifest: Manifest) -> list[str]:
+    """Check the manifest's keys against its parts before resuming (after :func:`verify_parts`, so
+    every part file matches its sha256): a part whose key count differs from its rows — keys lost or
+    added by hand or by a damaged file — gets its keys rebuilt from the file, and keys naming no
+    part are dropped. Otherwise a lost key's row would be generated a second time, and a stray key's
+    row never. Returns a warning per repair."""
+    import pyarrow.parquet as pq
+
+    parts = {p["name"]: p for p in manifest.parts()}
+    counts = manifest.key_counts()
+    warnings = []
+    dangling = sorted(name for name in counts if name not in parts)
+    if dangling:
+        manifest.forget_keys_of(dangling)
+        n = sum(counts[name] for name in dangling)
+        warnings.append(f"the manifest held {n} keys of parts it does not list ({dangling[0]}, ...): dropped, "
+                        "their rows will be generated again")
+    for name, p in parts.items():
+        if counts.get(name, 0) == p["rows"]:
+            continue
+        try:
+            keys = pq.read_table(out_dir / name, columns=["key"]).column("key").to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for an unreadable file
+            raise damaged_part_error(out_dir / name, p, f"cannot read its keys: {str(e).splitlines()[0]}") from None
+        if len(keys) != p["rows"] or len(set(keys)) != len(keys):
+            raise damaged_part_error(out_dir / name, p, f"{len(keys)} keys in the file, {p['rows']} in the manifest")
+        manifest.replace_keys(name, keys)
+        warnings.append(f"the manifest listed {counts.get(name, 0)} keys for {name}, which holds {p['rows']} rows: "
+                        "its keys were rebuilt from the file (no row is generated twice)")
+    return warnings
 
 
 def _sha256(path: Path) -> str:
@@ -272,7 +467,11 @@ def clean_orphans(out_dir: Path, manifest: Manifest) -> list[str]:
     removed = []
     for p in sorted(out_dir.iterdir()):
         if p.name.endswith(".tmp") or (part_number(p.name) is not None and p.name not in known):
-            p.unlink()
+            try:
+                p.unlink()  # a link is removed, never followed
+            except OSError as e:
+                raise OutputError(f"{p}: cannot remove this file the manifest does not list ({e.strerror}); "
+                                  "remove it and run again") from None
             removed.append(p.name)
     return removed
 
@@ -289,250 +488,3 @@ def move_aside(out_dir: Path) -> Path:
         if p.name != LOCK:
             os.replace(p, dest / p.name)
     return dest
-
-
-class OutputLock:
-    """Exclusive lock of an output directory for the lifetime of a run."""
-
-    def __init__(self, out_dir: Path):
-        self.path = Path(out_dir) / LOCK
-        self.fd: int | None = None
-
-    def __enter__(self) -> "OutputLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if not isinstance(e, BlockingIOError):
-                os.close(fd)
-                raise OutputError(f"{self.path}: cannot lock the output directory ({e.strerror}); use an --output "
-                                  "on a file system with locks (a local disk)") from None
-            os.close(fd)
-            info = read_lock(self.path.parent) or {}
-            raise LockedError(
-                f"{self.path.parent} is in use by pid {info.get('pid', '?')} on {info.get('host', '?')} "
-                f"(since {info.get('started', '?')}); wait for it or stop it, or use another --output"
-            ) from None
-        with contextlib.suppress(OSError):  # who holds it is information; a full disk must not stop here
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso()}).encode())
-            os.fsync(fd)
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock; the file keeps the last holder's info
-            self.fd = None
-
-
-def read_lock(out_dir: Path) -> dict[str, Any] | None:
-    """The last lock holder's info plus ``alive``: whether a process holds the lock now."""
-    path = Path(out_dir) / LOCK
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        info = json.loads(text) if text.strip() else {}
-    except ValueError:
-        info = {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        info["alive"] = False
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except BlockingIOError:
-        info["alive"] = True
-    finally:
-        os.close(fd)
-    return info
-
-
-# --- reading an output directory (status, SQL) ---------------------------------------------------
-
-def written_elsewhere(lock: Mapping[str, Any]) -> bool:
-    """Whether a live process on another machine holds this lock (a rank of a multi-node job).
-
-    Its manifest is then not opened from here: SQLite's WAL index is shared memory, which a network
-    filesystem does not keep coherent between machines; its progress.json and part files are read."""
-    return bool(lock.get("alive")) and lock.get("host") not in (None, socket.gethostname())
-
-
-def _dir_status(d: Path, rank: int, world: int) -> dict[str, Any]:
-    """Figures of one manifest directory: DIR itself, or one rank's."""
-    try:
-        progress = json.loads((d / PROGRESS).read_text())
-    except (FileNotFoundError, ValueError):
-        progress = {}
-    lock = read_lock(d) or {}
-    if written_elsewhere(lock):
-        job, runs = None, []
-        totals = {"rows": progress.get("rows_done", 0), "statuses": progress.get("statuses", {}),
-                  "parts": sum(1 for p in d.iterdir() if part_number(p.name) is not None)}
-    else:
-        m = Manifest(d, readonly=True)
-        try:
-            job, totals, runs = m.job(), m.totals(), m.runs()
-        finally:
-            m.close()
-    last = runs[-1] if runs else None
-    if lock.get("alive"):
-        state = "running"
-    elif last is None:
-        state = "not started"
-    elif last["status"] == "running":
-        state = "dead"  # the run never recorded its end: killed
-    else:
-        state = last["status"]
-    return {
-        "dir": "." if world == 1 else d.name, "rank": rank, "world": world, "state": state, "job": job,
-        "rows_done": totals["rows"], "parts": totals["parts"], "statuses": totals["statuses"],
-        "gen_tokens": sum(r["gen_tokens"] or 0 for r in runs) + (progress.get("gen_tokens", 0)
-                                                                if state in ("running", "dead") else 0),
-        "rows_total": progress.get("input_rows", progress.get("rows_total")),
-        "tokens_per_s": progress.get("tokens_per_s"), "rows_per_s": progress.get("rows_per_s"),
-        "eta_s": progress.get("eta_s") if state == "running" else None, "updated": progress.get("updated"),
-        "lock": {k: lock.get(k) for k in ("pid", "host", "started", "alive")} if lock else None,
-        "runs": [{**r, "rank": rank, "world": world} for r in runs],
-    }
-
-
-_STATE_ORDER = ("running", "dead", "failed", "interrupted", "finished", "not started")
-
-
-def _state_rank(state: str) -> int:
-    return _STATE_ORDER.index(state) if state in _STATE_ORDER else len(_STATE_ORDER)
-
-
-def job_status(out_dir: str | Path) -> dict[str, Any]:
-    """Figures of a running or stopped job, from disk: progress, totals, lock holders, runs.
-
-    A data-parallel job (corpusgen.job.ranks) is summed over every manifest of DIR; ``ranks`` has one
-    entry per directory that ran. The state is that of the latest launch (its world size): running
-    while any process holds a lock, else the worst of its ranks (dead, failed, interrupted, finished)."""
-    out = Path(out_dir)
-    if not (out / MANIFEST).is_file():
-        raise OutputError(f"{out}: no {MANIFEST}; pass the output directory of a corpusgen run")
-    dirs = [_dir_status(*t) for t in manifest_dirs(out)]
-    top = dirs[0]
-    ran = [d for d in dirs if d["runs"]] or [top]
-    world = max(ran, key=lambda d: (d["runs"][-1]["started"] if d["runs"] else "", d["world"]))["world"]
-    latest = [d for d in ran if d["world"] == world]
-    alive = [d for d in dirs if (d["lock"] or {}).get("alive")]
-    state = "running" if alive else min((d["state"] for d in latest), key=_state_rank)
-    statuses: dict[str, int] = {}
-    for d in dirs:
-        for k, v in d["statuses"].items():
-            statuses[k] = statuses.get(k, 0) + v
-    rows_done = sum(d["rows_done"] for d in dirs)
-    rows_total = next((d["rows_total"] for d in sorted(latest, key=lambda d: d["updated"] or "", reverse=True)
-                       if d["rows_total"] is not None), None)
-    rates = {k: [d[k] for d in latest if d[k] is not None] for k in ("tokens_per_s", "rows_per_s")}
-    rates = {k: round(sum(v), 3) if v else None for k, v in rates.items()}
-    eta = None
-    if state == "running" and world == 1:
-        eta = latest[0]["eta_s"]
-    elif state == "running" and rows_total is not None:
-        rate = sum(d["rows_per_s"] or 0 for d in latest if d["state"] == "running")
-        eta = round(max(rows_total - rows_done, 0) / rate, 1) if rate > 0 else None
-    keep = ("dir", "rank", "world", "state", "rows_done", "parts", "tokens_per_s", "rows_per_s", "updated", "lock")
-    return {
-        "output_dir": str(out), "state": state, "name": (top["job"] or {}).get("spec", {}).get("name"),
-        "fingerprint": (top["job"] or {}).get("fingerprint"), "rows_done": rows_done, "rows_total": rows_total,
-        "parts": sum(d["parts"] for d in dirs), "statuses": statuses,
-        "failures": {k: v for k, v in statuses.items() if k != "ok"},
-        "gen_tokens": sum(d["gen_tokens"] for d in dirs), **rates, "eta_s": eta,
-        "updated": max((d["updated"] for d in dirs if d["updated"]), default=None),
-        "lock": top["lock"], "world": world, "ranks": [{k: d[k] for k in keep} for d in ran],
-        "runs": sorted((r for d in dirs for r in d["runs"]), key=lambda r: (r["started"], r["rank"])),
-    }
-
-
-def connect_sql(out_dir: str | Path):
-    """A DuckDB connection with views ``outputs`` (committed parts), ``inputs`` (the last run's
-    input, when it is still readable), ``runs`` and ``parts`` (from the manifests: DIR's and, for a
-    data-parallel job, every rank's, with ``rank`` and ``world`` columns)."""
-    import duckdb
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from corpusgen.job.writer import output_schema
-
-    out = Path(out_dir)
-    m = Manifest(out, readonly=True)
-    try:
-        job = m.job()
-    finally:
-        m.close()
-    parts, runs = [], []
-    for d, rank, world in manifest_dirs(out):  # DIR, then each rank's directory of a data-parallel job
-        prefix = "" if d == out else d.name + "/"
-        if written_elsewhere(read_lock(d) or {}):  # its complete files so far (a part is renamed when complete)
-            parts += [{"name": prefix + p.name, "rows": pq.read_metadata(p).num_rows, "rank": rank, "world": world}
-                      for p in sorted(d.iterdir()) if part_number(p.name) is not None]
-            continue
-        m = Manifest(d, readonly=True)
-        try:
-            parts += [{**p, "name": prefix + p["name"], "rank": rank, "world": world} for p in m.parts()]
-            runs += [{**r, "rank": rank, "world": world} for r in m.runs()]
-        finally:
-            m.close()
-    runs.sort(key=lambda r: (r["started"], r["rank"]))
-    con = duckdb.connect()
-    files = [str(out / p["name"]) for p in parts]
-    if files:
-        con.execute(f"CREATE VIEW outputs AS SELECT * FROM read_parquet({_sql_list(files)})")
-    else:
-        from corpusgen.job.columns import typed_fields
-
-        schema = job["spec"].get("output", {}).get("schema") if job else None
-        con.register("outputs", output_schema(schema is not None, typed_fields(schema)).empty_table())
-    con.register("runs", pa.Table.from_pylist(runs) if runs else pa.table({"run_id": pa.array([], pa.string())}))
-    columns = list(dict.fromkeys(k for p in parts for k in p))  # parts read from files lack some columns
-    con.register("parts", pa.Table.from_pylist([{**{k: p.get(k) for k in columns}, "statuses": json.dumps(
-        p.get("statuses"))} for p in parts]) if parts else pa.table({"name": pa.array([], pa.string())}))
-    if runs and runs[-1].get("input"):
-        _inputs_view(con, json.loads(runs[-1]["input"]))
-    return con
-
-
-def _sql_list(items: Sequence[str]) -> str:
-    return "[" + ", ".join("'" + s.replace("'", "''") + "'" for s in items) + "]"
-
-
-def _sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
-def _inputs_view(con: Any, inp: Mapping[str, Any]) -> None:
-    from corpusgen.job.spec import InputSpec
-
-    spec = InputSpec(**{**inp, "columns": tuple(inp.get("columns") or ())})
-    try:
-        fmt = spec.resolved_format()
-        path = spec.path
-        if fmt == "parquet":
-            src = f"{path.rstrip('/')}/**/*.parquet" if Path(path).is_dir() else path
-            con.execute(f"CREATE VIEW inputs AS SELECT * FROM read_parquet({_sql_str(src)})")
-        elif fmt == "csv":
-            con.execute(f"CREATE VIEW inputs AS SELECT * FROM read_csv_auto({_sql_str(path)})")
-        elif fmt == "jsonl":
-            con.execute(f"CREATE VIEW inputs AS SELECT * FROM read_json_auto({_sql_str(path)}, "
-                        "format='newline_delimited')")
-        elif fmt == "duckdb":
-            con.execute(f"ATTACH {_sql_str(path)} AS input_db (READ_ONLY)")
-            if spec.query:
-                # the query names the database's tables unqualified: look there first, then here
-                con.execute("SET search_path = 'input_db.main,memory.main'")
-                con.execute(f"CREATE VIEW memory.main.inputs AS {spec.query}")
-                return
-            table = spec.table
-            if table is None:
-                tables = [r[0] for r in con.execute(
-                    "SELECT table_name FROM information_schema.tables WHERE table_catalog = 'input_db'").fetchall()]
-                table = tables[0] if len(tables) == 1 else None
-            if table is not None:
-                con.execute(f'CREATE VIEW inputs AS SELECT * FROM input_db.main."{table}"')
-    except Exception:  # noqa: BLE001 - the input may have moved since the run; outputs still work
-        pass

@@ -29,8 +29,8 @@ from corpusgen.engine.api import Generator, GeneratorFactory, Request
 from corpusgen.errors import CorpusgenError, LockedError, ModelError, ResumeMismatch
 from corpusgen.job.events import (Event, JobFinished, JobStarted, JobWarning, RateWindow, RowsCommitted,
                               RunSummary)
-from corpusgen.job.manifest import (LOCK, PROGRESS, Manifest, OutputLock, check_not_lost, clean_orphans, manifest_dirs,
-                                move_aside, now_iso, prepare_dir, rank_dirs, read_lock, verify_parts)
+from corpusgen.job.manifest import (LOCK, PROGRESS, Manifest, OutputLock, check_keys, check_not_lost, clean_orphans,
+                                manifest_dirs, move_aside, now_iso, prepare_dir, rank_dirs, read_lock, verify_parts)
 from corpusgen.job.prompts import Prompt, PromptBuilder, check_columns, compile_template
 from corpusgen.job.ranks import Ranks, StartGroup
 from corpusgen.job.readers import RowBatch, batch_records, open_input
@@ -133,15 +133,17 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
                                 f"{ranks.local_world} of the host's memory"))
 
     with StartGroup(ranks) as group, signals_as_interrupt(), contextlib.ExitStack() as locks:
+        held: dict[Path, OutputLock] = {}
+
         def prepare() -> tuple[str | None, list[str]]:
             prepare_dir(out)
-            locks.enter_context(OutputLock(out))  # rank 0 (or the single process) holds DIR's lock to the end
+            held[out] = locks.enter_context(OutputLock(out))  # rank 0 (or the single process) holds DIR's lock
             return _prepare_output(out, ranks, restart=restart, fingerprint=fingerprint, fields=fields, spec=spec)
 
         moved, removed = group.leader_first(prepare)
         if here != out:
             prepare_dir(here)
-            locks.enter_context(OutputLock(here))
+            held[here] = locks.enter_context(OutputLock(here))
         manifest = Manifest(here)
         others = _other_launches(out, ranks)
         engine = None
@@ -155,6 +157,8 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
             manifest.forget_parts(missing)
             for name in missing:
                 emit(JobWarning(message=f"committed part {name} is missing: its rows will be generated again"))
+            for message in check_keys(here, manifest):  # keys lost from the manifest: never a row twice
+                emit(JobWarning(message=message))
             plan = None
             if plan_auto:
                 from corpusgen.planner.plan import plan_run
@@ -187,7 +191,12 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
                             resumed=run.resumed, rows_done=run.done_before,
                             rows_total=reader.total_rows, block_size=run.block_size, engine=describe,
                             load_seconds=load_seconds, moved_to=None if moved is None else str(moved)))
-            return run.execute(started, load_seconds)
+            try:
+                return run.execute(started, load_seconds)
+            except BaseException as e:  # noted in the lock too: the manifest may be what failed (a full disk)
+                stopped = isinstance(e, KeyboardInterrupt)
+                held[here].note_end(run.run_id, "interrupted" if stopped else "failed", None if stopped else str(e))
+                raise
         finally:
             for m in (manifest, *others):
                 m.close()

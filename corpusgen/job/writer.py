@@ -93,6 +93,8 @@ class PartInfo:
     """Hex digest of the file's bytes."""
     statuses: Mapping[str, int]
     """Rows per status."""
+    mtime_ns: int | None = None
+    """The file's modification time once renamed into place: a reader hashes a part whose mtime differs."""
 
 
 def part_name(number: int) -> str:
@@ -102,6 +104,12 @@ def part_name(number: int) -> str:
 def part_number(name: str) -> int | None:
     m = PART_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def _nofollow(path: str, flags: int) -> int:
+    """``open(..., opener=_nofollow)``: a file corpusgen writes is never opened through a symbolic link
+    (``part-00003.parquet.tmp -> /elsewhere`` fails with ELOOP instead of overwriting the target)."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
 def fsync_dir(path: Path) -> None:
@@ -132,12 +140,13 @@ def write_part(out_dir: Path, number: int, rows: Sequence[OutputRow], schema: pa
     data = buf.getvalue()
     tmp = out_dir / (name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb", opener=_nofollow) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out_dir / name)
         fsync_dir(out_dir)
+        mtime_ns = os.stat(out_dir / name).st_mtime_ns
     except OSError as e:  # a full disk, an I/O error: nothing of this part is committed
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -147,15 +156,16 @@ def write_part(out_dir: Path, number: int, rows: Sequence[OutputRow], schema: pa
     for r in rows:
         statuses[r.status] = statuses.get(r.status, 0) + 1
     return PartInfo(name=name, rows=len(rows), size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-                    statuses=statuses)
+                    statuses=statuses, mtime_ns=mtime_ns)
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``data`` as JSON so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        with open(tmp, "w", opener=_nofollow) as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)  # replaces a link at ``path`` itself, never its target
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror or e}); committed parts are intact: "
                           "free space (or fix the disk) and run the same command again to resume") from None
