@@ -61,6 +61,8 @@ def configure_cuda_allocator() -> None:
         return
     import torch
 
-    setter = getattr(getattr(torch.cuda, "memory", None), "_set_allocator_settings", None)
+    # PyTorch's runtime setter (its name moved between releases; both are private).
+    setter = (getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+              or getattr(getattr(torch.cuda, "memory", None), "_set_allocator_settings", None))
     if setter is not None:
         setter(CUDA_ALLOC_CONF)
