@@ -631,3 +631,24 @@ def test_host_arena_pools_freed_registered_buffers(monkeypatch):
     assert arena.pooled == 400 and arena.used == 0  # 3500 > pool_limit: unregistered, not pooled
     arena.clear()
     assert arena.pooled == 0 and len(unregistered) == 4
+
+
+def test_a_closed_arena_unregisters_what_is_freed_later(monkeypatch):
+    """Buffers freed after their arena is cleared (an engine's KV collected after close) are
+    unregistered, not pooled: a pooled buffer outliving its arena would be freed still page-locked,
+    and the next registration of that address range fails (seen on an H100 as
+    cudaErrorHostMemoryAlreadyRegistered, reported by an unrelated kernel launch)."""
+    from corpusgen.engine import tiers
+
+    unregistered = []
+    monkeypatch.setattr(tiers, "can_pin", lambda: True)
+    monkeypatch.setattr(tiers, "_register", lambda t: True)
+    monkeypatch.setattr(tiers, "_unregister", lambda base: unregistered.append(base.numel()))
+    arena = tiers.HostArena(1 << 20)
+    a, b = arena.empty((256,), torch.float32), arena.empty((128,), torch.float32)
+    del a
+    assert arena.pooled == 1024 and not unregistered  # open: a freed buffer waits for reuse
+    arena.clear()
+    assert unregistered == [1024]
+    del b
+    assert unregistered == [1024, 512] and arena.pooled == 0

@@ -6,6 +6,9 @@ CUDA events. On a CPU-only machine every stream is ``None`` and everything runs 
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import torch
 
 
@@ -86,3 +89,27 @@ class on:
     def __exit__(self, *exc):
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
+
+
+@functools.lru_cache(maxsize=1)
+def cudart():
+    """The process's CUDA runtime library (the one PyTorch loaded) through ctypes, or None: for the
+    calls PyTorch does not expose (2-D copies, clearing a refused registration's error)."""
+    names = []
+    try:
+        with open("/proc/self/maps") as f:
+            names = sorted({line.split()[-1] for line in f if "libcudart" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        pass
+    names += ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+            fn = lib.cudaMemcpy2DAsync
+        except (OSError, AttributeError):
+            continue
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                       ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        return lib
+    return None

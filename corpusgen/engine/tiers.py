@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from corpusgen.engine.streams import cudart
 from corpusgen.errors import BudgetError, OffloadIOError
 
 Record = dict[str, torch.Tensor]
@@ -59,6 +60,7 @@ class HostArena:
         self.reused = 0  # allocations served from the pool (for tests and benchmarks)
         self._pool: dict[int, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
+        self.closed = False
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         numel = 1
@@ -79,9 +81,12 @@ class HostArena:
         return t
 
     def clear(self) -> None:
-        """Unregister and drop every pooled buffer."""
+        """Unregister and drop every pooled buffer; buffers freed from now on are unregistered, not
+        pooled (a pooled buffer outliving its arena would be freed still registered, and its
+        address range, reused by the host allocator, could then not be registered again)."""
         with self._lock:
             pool, self._pool, self.pooled = self._pool, {}, 0
+            self.closed = True
         for bases in pool.values():
             for base in bases:
                 _unregister(base)
@@ -132,7 +137,7 @@ class HostArena:
         """Pool a freed registered buffer (True), unless the pool is full or a view of it lives on."""
         with self._lock:
             self.used -= nbytes
-            if self.pooled + nbytes > self.pool_limit or not 0 < _uses(base) <= uses:
+            if self.closed or self.pooled + nbytes > self.pool_limit or not 0 < _uses(base) <= uses:
                 return False
             self._pool.setdefault(nbytes, []).append(base)
             self.pooled += nbytes
@@ -140,12 +145,20 @@ class HostArena:
 
 
 def _register(t: torch.Tensor) -> bool:
-    """Page-lock ``t``'s bytes for asynchronous DMA; False when the driver refuses."""
+    """Page-lock ``t``'s bytes for asynchronous DMA; False when the driver refuses.
+
+    A refusal also sets the CUDA runtime's last error, which the next unrelated kernel launch
+    would report as its own failure: it is cleared here."""
     try:
         err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
     except (AttributeError, RuntimeError):
         return False
-    return int(getattr(err, "value", err)) == 0
+    if int(getattr(err, "value", err)) == 0:
+        return True
+    lib = cudart()
+    if lib is not None:
+        lib.cudaGetLastError()
+    return False
 
 
 def _free(arena: HostArena, base: torch.Tensor, nbytes: int, registered: bool, uses: int) -> None:

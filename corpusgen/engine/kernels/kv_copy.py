@@ -20,11 +20,11 @@ Without CUDA (or without triton, or the CUDA runtime library) the callers use ``
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 
 from corpusgen.engine.kernels import tl, triton
+from corpusgen.engine.streams import cudart as _cudart
 
 
 MIN_ELEMENTS = 1 << 20
@@ -79,29 +79,6 @@ def warm_up(device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
 
 
 # --------------------------------------------------------------------------- 2-D device -> host
-
-@functools.lru_cache(maxsize=1)
-def _cudart():
-    """The process's CUDA runtime library (the one PyTorch loaded), or None."""
-    names = []
-    try:
-        with open("/proc/self/maps") as f:
-            names = sorted({line.split()[-1] for line in f if "libcudart" in line.rsplit("/", 1)[-1]})
-    except OSError:
-        pass
-    names += ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-    for name in names:
-        try:
-            lib = ctypes.CDLL(name)
-            fn = lib.cudaMemcpy2DAsync
-        except (OSError, AttributeError):
-            continue
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-                       ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-        return lib
-    return None
-
 
 _DEVICE_TO_HOST = 2  # cudaMemcpyDeviceToHost
 
