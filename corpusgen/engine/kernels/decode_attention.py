@@ -226,6 +226,24 @@ def _programs(device: torch.device) -> int:
     return 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2)
 
 
+def _launch_buffers(q: torch.Tensor, mask: torch.Tensor | None, n_splits: int):
+    """The split-KV kernels' output (b, heads, 1, d), mask argument and its row stride, and the
+    per-split partials (acc, running max, running sum) — the output itself when there is one split."""
+    b, heads, _, d = q.shape
+    out = torch.empty((b, heads, 1, d), dtype=q.dtype, device=q.device)
+    if mask is not None:
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mask_arg, sm_b = mask.view(torch.uint8), mask.stride(0)
+    else:
+        mask_arg, sm_b = q, 0  # never read
+    if n_splits == 1:
+        return out, mask_arg, sm_b, out, out, out
+    acc = torch.empty((b * heads, n_splits, d), dtype=torch.float32, device=q.device)
+    m = torch.empty((b * heads, n_splits), dtype=torch.float32, device=q.device)
+    return out, mask_arg, sm_b, acc, m, torch.empty_like(m)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float, block_t: int | None = None, num_warps: int = 2,
                      num_stages: int | None = None, programs: int | None = None,
@@ -254,22 +272,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     # and stage sweep at OPT-6.7B's decode shape (benchmarks/offload_micro.py); stages do not matter.
     block_t = block_t or 8192 // d
     split_len, n_splits = _plan(b, heads, k_len, block_t, programs or _programs(q.device))
-    out = torch.empty((b, heads, 1, d), dtype=q.dtype, device=q.device)
     has_mask = mask is not None
-    if has_mask:
-        mask = mask.reshape(b, k_len)
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
-        mask_arg, sm_b = mask.view(torch.uint8), mask.stride(0)
-    else:
-        mask_arg, sm_b = q, 0  # never read
+    out, mask_arg, sm_b, acc, m, l_s = _launch_buffers(q, mask.reshape(b, k_len) if has_mask else None, n_splits)
     direct = n_splits == 1
-    if direct:
-        acc = m = l_s = out
-    else:
-        acc = torch.empty((b * heads, n_splits, d), dtype=torch.float32, device=q.device)
-        m = torch.empty((b * heads, n_splits), dtype=torch.float32, device=q.device)
-        l_s = torch.empty_like(m)
     _mha_kernel[(b * heads, n_splits)](
         q, k, v, mask_arg, acc, m, l_s, klen if klen is not None else q,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sm_b,
@@ -323,22 +328,9 @@ def packed_decode_attention(q: torch.Tensor, k, v, mask: torch.Tensor | None, sc
     if q.stride(-1) != 1:
         q = q.contiguous()
     split_len, n_splits = _plan(b, heads, max(n, 1), block_t, _programs(q.device))
-    out = torch.empty((b, heads, 1, d), dtype=q.dtype, device=q.device)
     has_mask = mask is not None
-    if has_mask:
-        mask = mask.reshape(b, -1)[:, :n]
-        if mask.stride(-1) != 1:
-            mask = mask.contiguous()
-        mask_arg, sm_b = mask.view(torch.uint8), mask.stride(0)
-    else:
-        mask_arg, sm_b = q, 0
+    out, mask_arg, sm_b, acc, m, l_s = _launch_buffers(q, mask.reshape(b, -1)[:, :n] if has_mask else None, n_splits)
     direct = n_splits == 1
-    if direct:
-        acc = m = l_s = out
-    else:
-        acc = torch.empty((b * heads, n_splits, d), dtype=torch.float32, device=q.device)
-        m = torch.empty((b * heads, n_splits), dtype=torch.float32, device=q.device)
-        l_s = torch.empty_like(m)
     _mha_packed_kernel[(b * heads, n_splits)](
         q, kd, km, ks, vd, vm, vs, tk, tv, mask_arg, acc, m, l_s,
         q.stride(0), q.stride(1), kd.stride(0), kd.stride(1), kd.stride(2), km.stride(0), km.stride(1), km.stride(2),
