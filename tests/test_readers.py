@@ -34,14 +34,18 @@ def test_parquet_file_keys_from_id(tmp_path):
 
 
 def test_parquet_dir_and_glob_keys_by_file_and_row(tmp_path):
-    """Without an id the key is (file basename, row number), stable across runs."""
+    """Without an id the key is (file, row number), stable across runs; the file is its path
+    relative to the input's directory, so files of one basename in two subdirectories never share
+    keys (issue 28: fallback keys must not collide)."""
     write_parquet(tmp_path / "d" / "a.parquet", make_rows(3))
     write_parquet(tmp_path / "d" / "sub" / "b.parquet", make_rows(2, prefix="b"))
+    write_parquet(tmp_path / "d" / "zz" / "a.parquet", make_rows(1, prefix="z"))
     for path in (str(tmp_path / "d"), str(tmp_path / "d" / "**" / "*.parquet")):
         r = open_input(InputSpec(path=path), columns=["text"])
         keys, _, _ = _all(r)
-        assert keys == ["a.parquet:0", "a.parquet:1", "a.parquet:2", "b.parquet:0", "b.parquet:1"]
-        assert r.total_rows == 5
+        assert keys == ["a.parquet:0", "a.parquet:1", "a.parquet:2", "sub/b.parquet:0", "sub/b.parquet:1",
+                        "zz/a.parquet:0"]
+        assert r.total_rows == 6
 
 
 def test_limit_spans_files(tmp_path):
@@ -94,7 +98,7 @@ def test_jsonl_bad_lines_are_row_problems(tmp_path):
     assert keys[0] == "a" and keys[4] == "e"
     assert problems[0] is None and "not valid JSON" in problems[1]
     assert "not valid UTF-8" in problems[2] and "expected a JSON object" in problems[3]
-    assert keys[1] == "c.jsonl:1"  # no id on a broken line: (file, row) key
+    assert keys[1] == "(no id) c.jsonl:1"  # no id on a broken line: (file, row) key in its own namespace
     assert recs[4]["text"] is None and problems[4] is None
 
 
@@ -110,7 +114,7 @@ def test_null_id_is_a_row_problem(tmp_path):
     """A row whose id is null cannot be keyed by it: error row with a (file, row) key."""
     p = write_parquet(tmp_path / "a.parquet", [{"id": "x", "text": "a"}, {"id": None, "text": "b"}])
     keys, _, problems = _all(open_input(InputSpec(path=str(p), id="id"), columns=["text"]))
-    assert keys == ["x", "a.parquet:1"] and problems[1] == "id column 'id' is null"
+    assert keys == ["x", "(no id) a.parquet:1"] and problems[1] == "id column 'id' is null"
 
 
 @pytest.mark.parametrize("kind", ["missing", "column", "id", "empty", "garbage", "emptyjsonl", "emptydir"])

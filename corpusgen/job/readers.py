@@ -2,10 +2,12 @@
 
 Parquet (file, directory, glob), DuckDB (.duckdb with a table or query), CSV and JSONL are read
 incrementally (never the whole file at once), so memory stays flat for any corpus size.
-Each row gets a key: the ``input.id`` column cast to a string, or ``<file basename>:<row number>``
-(row numbers start at 0 within each file). Problems of one row (null id, a JSONL line that is not
-JSON) travel with the batch in ``problems`` and become rows with status ``error``; problems of the
-whole input (missing file or column, empty input, unreadable format) raise :class:`InputError`.
+Each row gets a key (corpusgen.job.keys): the canonical text of its ``input.id`` value — the same
+whatever the reader, the batch or the type inference — or ``<file>:<row number>`` (row numbers
+start at 0 within each file). Problems of one row (an unusable id, a JSONL line that is not JSON)
+travel with the batch in ``problems`` and become rows with status ``error``; problems of the whole
+input (missing file or column, an id column of a type without text, empty input, unreadable
+format) raise :class:`InputError`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 
 from corpusgen.errors import InputError, JobSpecError
+from corpusgen.job.keys import canonical_column, canonical_id, check_id_type, fallback_key
 from corpusgen.job.spec import InputSpec
 
 
@@ -91,19 +94,24 @@ class InputReader:
 
     def _keys(self, label: tuple[str, int], batch: pa.RecordBatch) -> tuple[list[str], list[str | None]]:
         name, start = label
-        fallback = [f"{name}:{start + i}" for i in range(batch.num_rows)]
         problems: list[str | None] = [None] * batch.num_rows
         if "__problem__" in batch.schema.names:
             problems = batch.column("__problem__").to_pylist()
-        if self.spec.id is None:
-            return fallback, problems
+        col = self.spec.id
+        if col is None:
+            return [fallback_key(name, start + i, with_id=False) for i in range(batch.num_rows)], problems
+        if "__id__" in batch.schema.names:  # JSONL: canonicalised from the parsed JSON values, row by row
+            ids = [(k, None) for k in batch.column("__id__").to_pylist()]
+        else:
+            check_id_type(batch.schema.field(col).type, col, f"{self.spec.path}")
+            ids = canonical_column(batch.column(col), col)
         keys = []
-        for i, v in enumerate(_pylist(batch.column(self.spec.id))):
-            if v is None:
-                keys.append(fallback[i])
-                problems[i] = problems[i] or f"id column {self.spec.id!r} is null"
+        for i, (key, why) in enumerate(ids):
+            if key is None:
+                keys.append(fallback_key(name, start + i, with_id=True))
+                problems[i] = problems[i] or why or f"id column {col!r} is null"
             else:
-                keys.append(v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v))
+                keys.append(key)
         return keys, problems
 
 
@@ -116,7 +124,7 @@ def batch_records(batch: RowBatch) -> list[dict[str, Any]]:
     """Rows of a batch as dicts (bytes that are valid UTF-8 become str; others stay bytes)."""
     cols = {}
     for name in batch.rows.schema.names:
-        if name == "__problem__":
+        if name in ("__problem__", "__id__"):
             continue
         cols[name] = [_text(v) for v in _pylist(batch.rows.column(name))]
     return [{k: cols[k][i] for k in cols} for i in range(batch.rows.num_rows)]
@@ -158,6 +166,19 @@ def _files(path: str, suffixes: tuple[str, ...]) -> list[str]:
     return [str(p)]
 
 
+def _labels(path: str, files: list[str]) -> list[str]:
+    """Each file's name in fallback keys: its path relative to the input's directory (the glob's
+    fixed part), so that two files of one basename in subdirectories never share keys."""
+    if any(ch in path for ch in "*?["):
+        fixed = path[:min(path.index(ch) for ch in "*?[" if ch in path)]
+        root = fixed if fixed.endswith(os.sep) else os.path.dirname(fixed)
+    elif Path(path).is_dir():
+        root = path
+    else:
+        return [os.path.basename(f) for f in files]
+    return [os.path.relpath(f, root or ".") for f in files]
+
+
 def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
     for b in batches:
         for off in range(0, b.num_rows, size):
@@ -169,6 +190,7 @@ class _Parquet:
         import pyarrow.parquet as pq
 
         self.files = _files(spec.path, (".parquet", ".pq"))
+        self.labels = _labels(spec.path, self.files)
         self._open = []
         for f in self.files:
             try:
@@ -176,6 +198,9 @@ class _Parquet:
                 self._open.append(pq.ParquetFile(f, pre_buffer=False))
             except (pa.ArrowInvalid, OSError) as e:
                 raise InputError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+            schema = self._open[-1].schema_arrow
+            if spec.id is not None and spec.id in schema.names:  # every file's, before anything is generated
+                check_id_type(schema.field(spec.id).type, spec.id, f)
 
     def columns(self) -> list[str]:
         return list(self._open[0].schema_arrow.names)
@@ -184,14 +209,14 @@ class _Parquet:
         return sum(pf.metadata.num_rows for pf in self._open)
 
     def batches(self, columns, size):
-        for f, pf in zip(self.files, self._open, strict=True):
+        for f, label, pf in zip(self.files, self.labels, self._open, strict=True):
             missing = [c for c in columns if c not in pf.schema_arrow.names]
             if missing:
                 raise InputError(f"{f}: no column {missing[0]!r}; "
                                  f"available columns: {', '.join(pf.schema_arrow.names)}")
             row = 0
             for b in _rebatch(pf.iter_batches(batch_size=size, columns=list(columns)), size):
-                yield (os.path.basename(f), row), b
+                yield (label, row), b
                 row += b.num_rows
 
 
@@ -202,6 +227,7 @@ _CSV_BLOCK, _CSV_MAX_BLOCK = 1 << 20, 1 << 30
 class _Csv:
     def __init__(self, spec: InputSpec):
         self.files = _files(spec.path, (".csv",))
+        self.labels = dict(zip(self.files, _labels(spec.path, self.files), strict=True))
         self._header = {}
         for f in self.files:
             try:
@@ -234,7 +260,7 @@ class _Csv:
                                            parse_options=pcsv.ParseOptions(newlines_in_values=True),
                                            convert_options=convert)
                     for b in _rebatch(reader, size):
-                        yield (os.path.basename(f), row), b
+                        yield (self.labels[f], row), b
                         row += b.num_rows
                     break
                 except pa.ArrowInvalid as e:
@@ -247,6 +273,8 @@ class _Csv:
 class _Jsonl:
     def __init__(self, spec: InputSpec):
         self.files = _files(spec.path, (".jsonl", ".ndjson"))
+        self.labels = _labels(spec.path, self.files)
+        self.id = spec.id
         self._cols: list[str] | None = None
 
     def columns(self) -> list[str]:
@@ -269,22 +297,33 @@ class _Jsonl:
         return None
 
     def batches(self, columns, size):
-        for f in self.files:
-            label = os.path.basename(f)
+        for f, label in zip(self.files, self.labels, strict=True):
             chunk: list[dict] = []
             start = 0
             with open(f, "rb") as fh:
                 for lineno, line in enumerate(raw for raw in fh if raw.strip()):
-                    chunk.append(_json_row(line, lineno, columns))
+                    chunk.append(_json_row(line, lineno, columns, self.id))
                     if len(chunk) == size:
-                        yield (label, start), _pylist_batch(chunk, columns)
+                        yield (label, start), _pylist_batch(chunk, columns, self.id)
                         start += len(chunk)
                         chunk = []
             if chunk:
-                yield (label, start), _pylist_batch(chunk, columns)
+                yield (label, start), _pylist_batch(chunk, columns, self.id)
 
 
-def _json_row(line: bytes, lineno: int, columns) -> dict:
+def _json_row(line: bytes, lineno: int, columns, id_col: str | None) -> dict:
+    row = _json_values(line, lineno, columns)
+    if id_col is not None:  # the key, from the JSON value itself: never from a type inferred per batch
+        key, why = canonical_id(row.get(id_col), id_col)
+        if key is not None and not _encodable(key):  # a lone surrogate escape: as the \xNN of bytes
+            key = key.encode("utf-8", "backslashreplace").decode("utf-8")
+        row["__id__"] = key
+        if key is None and "__problem__" not in row:
+            row["__problem__"] = why
+    return row
+
+
+def _json_values(line: bytes, lineno: int, columns) -> dict:
     try:
         obj = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -298,16 +337,17 @@ def _json_row(line: bytes, lineno: int, columns) -> dict:
     return {c: obj.get(c) for c in columns}
 
 
-def _pylist_batch(chunk: list[dict], columns) -> pa.RecordBatch:
+def _pylist_batch(chunk: list[dict], columns, id_col: str | None) -> pa.RecordBatch:
+    extra = ["__id__"] if id_col is not None else []
     try:
-        return _pylist_batch_of(chunk, columns)
+        return _pylist_batch_of(chunk, columns, extra)
     except UnicodeEncodeError:  # JSON escapes of lone surrogates (\ud800) decode to text UTF-8 cannot hold
-        return _pylist_batch_of([_without_surrogates(r) for r in chunk], columns)
+        return _pylist_batch_of([_without_surrogates(r) for r in chunk], columns, extra)
 
 
 def _without_surrogates(row: dict) -> dict:
     """The row without its values that UTF-8 cannot encode, and a problem naming the first."""
-    bad = [k for k, v in row.items() if not _encodable(v)]
+    bad = [k for k, v in row.items() if k != "__id__" and not _encodable(v)]
     if not bad:
         return row
     clean = {k: v for k, v in row.items() if k not in bad}
@@ -324,17 +364,32 @@ def _encodable(value: Any) -> bool:
         return False
 
 
-def _pylist_batch_of(chunk: list[dict], columns) -> pa.RecordBatch:
+def _pylist_batch_of(chunk: list[dict], columns, extra: list[str]) -> pa.RecordBatch:
     data = {}
     for c in columns:
         values = [r.get(c) for r in chunk]
+        kinds = {type(v) for v in values if v is not None}
         try:
+            if (int in kinds or bool in kinds) and float in kinds:
+                raise pa.ArrowInvalid("ints with floats")  # promoted, 1 would read 1.0 in this batch only
             data[c] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # OverflowError: an integer beyond 64 bits
-            # mixed types across rows: keep them as JSON text rather than failing
-            data[c] = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values])
+            # mixed types across rows: each value as the text a column of its own type would give
+            data[c] = pa.array([None if v is None else _scalar_text(v) for v in values], pa.string())
+    for c in extra:
+        data[c] = pa.array([r.get(c) for r in chunk], pa.string())
     data["__problem__"] = pa.array([r.get("__problem__") for r in chunk], pa.string())
     return pa.RecordBatch.from_pydict(data)
+
+
+def _scalar_text(v: Any) -> str:
+    """A value of a JSONL column of mixed types as text: scalars as a typed column renders them
+    (``1``, ``7.5``, ``True``), lists and objects as JSON."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (bool, int, float)):
+        return str(v)
+    return json.dumps(v, ensure_ascii=False)
 
 
 class _DuckDB:
@@ -364,6 +419,8 @@ class _DuckDB:
             self.rel = self.con.sql(self.query)
         except duckdb.Error as e:
             raise InputError(f"input.query failed: {str(e).splitlines()[0]}; fix the SQL") from None
+        if spec.id is not None and spec.id in self.rel.columns:
+            check_id_type(self.rel.limit(0).arrow().schema.field(spec.id).type, spec.id, spec.path)
 
     def columns(self) -> list[str]:
         return list(self.rel.columns)
