@@ -188,3 +188,39 @@ def test_million_rows_stream_in_bounded_batches(tmp_path):
         peak = max(peak, pa.total_allocated_bytes() - base)
     assert count == n and max(sizes) <= 4096
     assert peak < full / 2, (peak, full)
+
+
+READ_ONLY_ATTEMPTS = {
+    "COPY TO a file": "COPY (SELECT 1 AS id) TO '{victim}'",
+    "COPY then SELECT": "COPY (SELECT 1 AS id) TO '{victim}'; SELECT * FROM docs",
+    "COPY inside a view of the query": "SELECT * FROM docs WHERE id IN (SELECT 1) UNION ALL "
+                                       "SELECT * FROM read_csv('{victim}')",
+    "ATTACH a new database": "ATTACH '{victim}' AS x",
+    "INSTALL an extension": "INSTALL httpfs",
+    "LOAD an extension": "LOAD httpfs",
+    "read another file": "SELECT 1 AS id, content AS text FROM read_text('/etc/passwd')",
+    "glob the file system": "SELECT 1 AS id, file AS text FROM glob('/etc/*')",
+    "turn access back on": "SET enable_external_access = true",
+    "change a setting": "SET threads = 1",
+}
+
+
+@pytest.mark.parametrize("case", list(READ_ONLY_ATTEMPTS))
+def test_input_query_is_read_only(tmp_path, case):
+    """input.query reads the tables of its database and nothing else (issue 28, item 2): writing
+    files (COPY ... TO), ATTACH, INSTALL/LOAD, reading other files and re-enabling access are
+    refused in one line naming the rule; no file is created."""
+    db = tmp_path / "c.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE docs AS SELECT range AS id, 'text ' || range AS text FROM range(3)")
+    con.close()
+    victim = tmp_path / "victim.csv"
+    query = READ_ONLY_ATTEMPTS[case].format(victim=victim)
+    with pytest.raises(InputError) as e:
+        r = open_input(InputSpec(path=str(db), query=query, id="id"), columns=["text"])
+        _all(r)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("input.query"), msg
+    assert not victim.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c.duckdb"]
+    if case not in ("turn access back on", "change a setting", "COPY inside a view of the query"):
+        assert "may only read the tables" in msg, msg

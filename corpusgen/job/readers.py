@@ -400,8 +400,17 @@ class _DuckDB:
             raise InputError(f"{spec.path}: input not found; check input.path or --input")
         try:
             self.con = duckdb.connect(spec.path, read_only=True)
+            # input.query only reads this database: no file, no ATTACH, no COPY ... TO, no INSTALL/LOAD,
+            # and the query cannot SET these back (locked)
+            # (settings belong to the database instance, which DuckDB shares between connections of a process)
+            if not self.con.execute("SELECT current_setting('lock_configuration')").fetchone()[0]:
+                for setting in ("autoinstall_known_extensions = false", "autoload_known_extensions = false",
+                                "enable_external_access = false", "lock_configuration = true"):
+                    self.con.execute(f"SET {setting}")
+            assert not self.con.execute("SELECT current_setting('enable_external_access')").fetchone()[0]
         except duckdb.Error as e:
             raise InputError(f"{spec.path}: not a readable DuckDB database ({str(e).splitlines()[0]})") from None
+        self.path = spec.path
         self.label = os.path.basename(spec.path)
         self.table = spec.table
         self.query = spec.query
@@ -417,8 +426,10 @@ class _DuckDB:
             self.query = f'SELECT * FROM "{self.table}"'
         try:
             self.rel = self.con.sql(self.query)
+            if self.rel is None:  # a statement without rows (SET, PRAGMA, CHECKPOINT ...)
+                raise InputError("input.query returns no rows; it must be a SELECT over the database's tables")
         except duckdb.Error as e:
-            raise InputError(f"input.query failed: {str(e).splitlines()[0]}; fix the SQL") from None
+            raise InputError(self._failed(e)) from None
         if spec.id is not None and spec.id in self.rel.columns:
             check_id_type(self.rel.limit(0).arrow().schema.field(spec.id).type, spec.id, spec.path)
 
@@ -430,14 +441,26 @@ class _DuckDB:
             return None  # a query may be expensive to count
         return self.con.execute(f'SELECT count(*) FROM "{self.table}"').fetchall()[0][0]
 
+    def _failed(self, e: Exception) -> str:
+        what = str(e).splitlines()[0]
+        if type(e).__name__ == "PermissionException":
+            return (f"input.query may only read the tables of {self.path} ({what}); files, ATTACH, COPY ... TO "
+                    "and INSTALL/LOAD are refused")
+        return f"input.query failed: {what}; fix the SQL"
+
     def batches(self, columns, size):
+        import duckdb
+
         cols = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
-        rel = self.con.cursor().sql(f"SELECT {cols} FROM ({self.query})")
-        reader = rel.to_arrow_reader(size) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(size)
-        row = 0
-        for b in _rebatch(iter(reader), size):
-            yield (self.label, row), b
-            row += b.num_rows
+        try:
+            rel = self.con.cursor().sql(f"SELECT {cols} FROM ({self.query})")
+            reader = rel.to_arrow_reader(size) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(size)
+            row = 0
+            for b in _rebatch(iter(reader), size):
+                yield (self.label, row), b
+                row += b.num_rows
+        except (duckdb.Error, pa.ArrowException) as e:  # a query that fails only when it runs
+            raise InputError(self._failed(e)) from None
 
 
 _SOURCES = {"parquet": _Parquet, "csv": _Csv, "jsonl": _Jsonl, "duckdb": _DuckDB}
