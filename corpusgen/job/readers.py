@@ -45,6 +45,8 @@ class InputReader:
     def __init__(self, spec: InputSpec, *, columns: Sequence[str] | None = None, limit: int | None = None):
         if spec.path is None:
             raise InputError("no input given; set input.path in the job or pass --input PATH")
+        if not any(ch in spec.path for ch in "*?[") and not os.path.exists(spec.path):
+            raise InputError(f"{spec.path}: input not found (no such file or directory); check input.path or --input")
         try:
             self.format = spec.resolved_format()
         except JobSpecError as e:
@@ -231,7 +233,8 @@ class _Csv:
         self._header = {}
         for f in self.files:
             try:
-                with open(f, newline="", encoding="utf-8", errors="replace") as fh:
+                # utf-8-sig: a byte order mark is not part of the first column's name (pyarrow drops it too)
+                with open(f, newline="", encoding="utf-8-sig", errors="replace") as fh:
                     self._header[f] = next(csv.reader(fh), [])
             except OSError as e:
                 raise InputError(f"{f}: cannot read ({e.strerror})") from None

@@ -20,6 +20,7 @@ import dataclasses
 import inspect
 import json
 import os
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -323,6 +324,13 @@ class _Run:
         self.rows = self.skipped = self.duplicates = self.gen_tokens = self.oom_splits = 0
         self.statuses: dict[str, int] = {}
         self.engine_seconds = 0.0
+        # committed keys met in the input, distinct (a temporary on-disk table: memory stays flat); the
+        # committed keys never met are rows no longer in the input, reported at the end
+        self.check_stale = reader.limit is None and self.ranks.world == 1 and self.done_before > 0
+        self.met = sqlite3.connect("") if self.check_stale else None
+        if self.met is not None:
+            self.met.execute("CREATE TABLE met (key TEXT PRIMARY KEY) WITHOUT ROWID")
+        self.stale_keys: int | None = None
         self.rate = RateWindow()
         self.rate.add(0, 0)
         self.started_iso = now_iso()
@@ -346,10 +354,13 @@ class _Run:
             if self.buffer:
                 self._commit()
             status = "finished"
+            self._report_stale()
         except KeyboardInterrupt:
             status = "interrupted"
             raise
         finally:
+            if self.met is not None:
+                self.met.close()
             seconds = time.perf_counter() - started
             overhead = time.perf_counter() - loop_start - self.engine_seconds
             summary = RunSummary(run_id=self.run_id, status=status, output_dir=str(self.job_dir), rows=self.rows,
@@ -373,6 +384,9 @@ class _Run:
             if self.ranks.world > 1:
                 batch = _owned(batch, self.ranks)
             done = self._committed(batch.keys)
+            if self.met is not None and done:
+                self.met.executemany("INSERT OR IGNORE INTO met VALUES (?)",
+                                     ((k,) for k, part in done.items() if part not in self.my_parts))
             records = batch_records(batch)
             for key, rec, problem in zip(batch.keys, records, batch.problems, strict=True):
                 part = done.get(key)
@@ -392,6 +406,19 @@ class _Run:
                     yield Prompt(key=key, ids=None, status="error", error=problem)
                 else:
                     yield self.builder.build(key, rec)
+
+    def _report_stale(self) -> None:
+        """After reading the whole input: warn about committed rows whose key it no longer has."""
+        if self.met is None:
+            return
+        met = self.met.execute("SELECT count(*) FROM met").fetchone()[0]
+        self.met.close()
+        self.met = None
+        self.stale_keys = max(self.done_before - met, 0)
+        if self.stale_keys:
+            self.emit(JobWarning(message=(
+                f"{self.stale_keys} committed rows have keys no longer in the input (rows removed, or ids changed); "
+                "they stay in the output: select them with SQL, or run with --restart to start over from this input")))
 
     def _committed(self, keys: Sequence[str]) -> dict[str, str]:
         """Keys committed in this process's manifest (→ part), or in another launch's (→ '<dir>/<part>')."""
@@ -510,7 +537,7 @@ class _Run:
             "tokens_per_s": round(tokens_per_s, 3), "rows_per_s": round(rows_per_s, 3),
             "eta_s": None if eta is None else round(eta, 1), "statuses": dict(self.job_statuses),
             "failures": {k: v for k, v in self.job_statuses.items() if k != "ok"},
-            "engine_seconds": round(self.engine_seconds, 3),
+            "engine_seconds": round(self.engine_seconds, 3), "stale_keys": self.stale_keys,
         }
         write_json_atomic(self.out / PROGRESS, data)
         return data

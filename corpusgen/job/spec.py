@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,7 +256,8 @@ def _int(lo: int) -> Callable[[Any, str], int]:
 
 def _float(lo: float, hi: float | None = None) -> Callable[[Any, str], float]:
     def check(value: Any, path: str) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= lo
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and value >= lo)
         if not ok or (hi is not None and value > hi):
             rng = f"between {lo} and {hi}" if hi is not None else f"≥ {lo}"
             raise JobSpecError(f"{path}: expected a number {rng}, got {_type_name(value)} {value!r}")
