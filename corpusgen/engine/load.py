@@ -27,6 +27,7 @@ from corpusgen.engine.schedule import BlockEngine
 from corpusgen.engine.tiers import DiskTier, HostArena
 from corpusgen.engine.weights import dummy_units, iter_units, load_config, resolve_source
 from corpusgen.errors import CorpusgenError, ModelError
+from corpusgen.planner.budgets import check_against_machine
 from corpusgen.planner.memory import check_budgets, memory_per_tier
 from corpusgen.planner.policy import Policy
 
@@ -201,6 +202,8 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
     dt = pick_dtype(dtype, dev, cfg, policy)
     est = memory_per_tier(cfg, policy, prompt_len, gen_len, dtype_bytes=torch.finfo(dt).bits // 8)
     check_budgets(est, gpu_memory, cpu_memory)
+    check_against_machine(gpu_budget=gpu_memory, cpu_budget=cpu_memory, device=str(dev), disk_bytes=est.disk,
+                          offload_dir=offload_dir)
     if dev.type == "cuda" and gpu_memory:
         total = torch.cuda.get_device_properties(dev).total_memory
         index = dev.index if dev.index is not None else torch.cuda.current_device()

@@ -138,6 +138,10 @@ def run_job(spec: JobSpec, *, input_override: str | None = None, output_dir: str
 
     ranks = ranks or Ranks.from_env()
     gpu = ranks.select_gpu(spec.engine.device)  # several ranks on a machine: each on its GPU, cuda:LOCAL_RANK
+    from corpusgen.planner.budgets import check_against_machine
+
+    check_against_machine(gpu_budget=spec.engine.gpu_memory, cpu_budget=spec.engine.cpu_memory,
+                          device=spec.engine.device if gpu is None else f"cuda:{gpu}")
     here = ranks.directory(out)  # where this process writes: DIR, or DIR/rank-<r>-of-<w>
     if here != out and spec.engine.offload_dir:  # ranks of a machine must not share the disk tier's files
         spec = dataclasses.replace(spec, engine=dataclasses.replace(
