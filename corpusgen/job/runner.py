@@ -5,10 +5,11 @@
 
 Commit granularity: a part is committed as soon as ``commit_rows`` finished rows are buffered
 (default: the engine's block size, so about one part per block) or ``commit_seconds`` passed since
-the last commit, and at the end. An interrupt (Ctrl-C, SIGTERM) discards the rows not yet
-committed — at most one part's worth — and leaves every committed part in place (a commit under
-way finishes first). Out of memory in a block: finished rows are kept, the rest run again in half
-blocks; a row out of memory alone is an ``error`` row. docs/reliability.md has the whole list.
+the last commit, and at the end. An interrupt (Ctrl-C, SIGTERM) commits the rows the engine had
+already finished (a commit under way finishes first), loses the rows it was still generating, and
+leaves every committed part in place. Out of memory in a block: finished rows are kept, the rest
+run again in half blocks; a row out of memory alone is an ``error`` row. docs/reliability.md has
+the whole list.
 Rows that never reach the engine (reader problems, template errors, prompt_too_long) are written
 like any other row, with their status, in the next part.
 """
@@ -361,6 +362,7 @@ class _Run:
             self._report_stale()
         except KeyboardInterrupt:
             status = "interrupted"
+            self._keep_finished()
             raise
         finally:
             if self.met is not None:
@@ -504,25 +506,35 @@ class _Run:
             self._commit()
 
     def _commit(self) -> None:
-        rows, self.buffer = self.buffer, []
-        with uninterrupted():  # Ctrl-C or SIGTERM here takes effect once the part is committed
+        with uninterrupted():  # Ctrl-C or SIGTERM here takes effect once the part is committed and counted
+            rows, self.buffer = self.buffer, []
             info = write_part(self.out, self.next_part, rows, self.schema)
             self.manifest.commit_part(info, [r.key for r in rows], self.run_id)
-        self.next_part += 1
-        self.my_parts.add(info.name)
-        self.last_commit = time.monotonic()
-        for r in rows:
-            self.inflight.discard(r.key)
-            self.statuses[r.status] = self.statuses.get(r.status, 0) + 1
-            self.job_statuses[r.status] = self.job_statuses.get(r.status, 0) + 1
-            self.gen_tokens += r.gen_tokens
-        self.rows += len(rows)
-        self.rate.add(self.rows, self.gen_tokens)
-        progress = self._progress("running")
-        self.emit(RowsCommitted(part=info.name, rows=len(rows), rows_done=progress["rows_done"],
-                                rows_total=progress["rows_total"], gen_tokens=self.gen_tokens,
-                                tokens_per_s=progress["tokens_per_s"], rows_per_s=progress["rows_per_s"],
-                                eta_s=progress["eta_s"], statuses=dict(self.job_statuses)))
+            self.next_part += 1
+            self.my_parts.add(info.name)
+            self.last_commit = time.monotonic()
+            for r in rows:
+                self.inflight.discard(r.key)
+                self.statuses[r.status] = self.statuses.get(r.status, 0) + 1
+                self.job_statuses[r.status] = self.job_statuses.get(r.status, 0) + 1
+                self.gen_tokens += r.gen_tokens
+            self.rows += len(rows)
+            self.rate.add(self.rows, self.gen_tokens)
+            progress = self._progress("running")
+            self.emit(RowsCommitted(part=info.name, rows=len(rows), rows_done=progress["rows_done"],
+                                    rows_total=progress["rows_total"], gen_tokens=self.gen_tokens,
+                                    tokens_per_s=progress["tokens_per_s"], rows_per_s=progress["rows_per_s"],
+                                    eta_s=progress["eta_s"], statuses=dict(self.job_statuses)))
+
+    def _keep_finished(self) -> None:
+        """On a stop: commit the rows the engine already finished (one part, seconds at most); the
+        rows it was still generating are lost and run again by the next run."""
+        if not self.buffer:
+            return
+        try:
+            self._commit()
+        except CorpusgenError as e:  # a full disk, say: the stop is still what the user asked for
+            self.emit(JobWarning(message=f"the rows finished before the stop could not be committed: {e}"))
 
     def _progress(self, state: str) -> dict[str, Any]:
         rows_per_s, tokens_per_s = self.rate.rates()
