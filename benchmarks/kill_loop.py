@@ -2,7 +2,10 @@
 uninterrupted run: keys *and* texts (issue 28; docs/reliability.md, "Kills").
 
     python benchmarks/kill_loop.py [--kills 20] [--job jobs/extract.yaml] [--input jobs/sample/docs.parquet]
-                                   [--limit N] [--device cpu] [--seed 0] [--workdir DIR]
+                                   [--limit N] [--device cpu] [--seed 0] [--workdir DIR] [-- RUN OPTIONS]
+
+Options after ``--`` go to every ``corpusgen run`` (``-- --policy small-blocks.yaml``: smaller
+blocks commit more often, so kills land between commits).
 
 1. An uninterrupted reference run: ``corpusgen run JOB --input INPUT --output WORK/ref``; its wall
    time and its model-loading time (the ``runs`` table) size the kill moments.
@@ -67,9 +70,11 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="where ref/ and killed/ go (default: a new temporary directory)")
+    ap.add_argument("run_options", nargs="*", help="after --: passed to every corpusgen run")
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="kill-loop-"))
-    args = [a.job, "--input", a.input, "--device", a.device, *(["--limit", str(a.limit)] if a.limit else [])]
+    args = [a.job, "--input", a.input, "--device", a.device, *(["--limit", str(a.limit)] if a.limit else []),
+            *a.run_options]
     rng = random.Random(a.seed)
 
     t0 = time.monotonic()
