@@ -155,8 +155,9 @@ def test_row_level_problems_do_not_fail_the_job(tmp_path, fake_env):
     assert r.exit_code == 0, r.output
     rows = json.loads(invoke("sql", tmp_path / "out", "SELECT key, status, error FROM outputs ORDER BY key",
                              "--format", "json").output)
-    assert [(x["key"], x["status"]) for x in rows] == [("a", "ok"), ("b", "ok"), ("c", "error"), ("c.jsonl:3", "error")]
-    assert "not valid UTF-8" in rows[3]["error"] and "null" in rows[2]["error"]
+    assert [(x["key"], x["status"]) for x in rows] == [("(no id) c.jsonl:3", "error"), ("a", "ok"), ("b", "ok"),
+                                                       ("c", "error")]
+    assert "not valid UTF-8" in rows[0]["error"] and "null" in rows[3]["error"]
 
 
 def test_changed_spec_then_restart(tmp_path, corpus, fake_env):

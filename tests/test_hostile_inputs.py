@@ -189,7 +189,7 @@ def test_nul_bytes_and_invalid_utf8_are_row_outcomes(tmp_path):
         "strings.parquet": {"ok-id": "ok", "\\xff\\xfe-id": "error", "nul\x00id": "ok"},
         "binary.parquet": {"b1": "error", "b2": "ok"},
         "c.csv": {"c1": "error", "c2": "ok", "c3": "ok"},
-        "j.jsonl": {"j1": "error", "j2": "ok", "j.jsonl:2": "error"},
+        "j.jsonl": {"j1": "error", "j2": "ok", "(no id) j.jsonl:2": "error"},
     }
     for name, statuses in expected.items():
         job = write_job(tmp_path, name=name.replace(".", "-"), input={"path": str(tmp_path / name), "id": "id"},

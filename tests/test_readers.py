@@ -34,14 +34,18 @@ def test_parquet_file_keys_from_id(tmp_path):
 
 
 def test_parquet_dir_and_glob_keys_by_file_and_row(tmp_path):
-    """Without an id the key is (file basename, row number), stable across runs."""
+    """Without an id the key is (file, row number), stable across runs; the file is its path
+    relative to the input's directory, so files of one basename in two subdirectories never share
+    keys (issue 28: fallback keys must not collide)."""
     write_parquet(tmp_path / "d" / "a.parquet", make_rows(3))
     write_parquet(tmp_path / "d" / "sub" / "b.parquet", make_rows(2, prefix="b"))
+    write_parquet(tmp_path / "d" / "zz" / "a.parquet", make_rows(1, prefix="z"))
     for path in (str(tmp_path / "d"), str(tmp_path / "d" / "**" / "*.parquet")):
         r = open_input(InputSpec(path=path), columns=["text"])
         keys, _, _ = _all(r)
-        assert keys == ["a.parquet:0", "a.parquet:1", "a.parquet:2", "b.parquet:0", "b.parquet:1"]
-        assert r.total_rows == 5
+        assert keys == ["a.parquet:0", "a.parquet:1", "a.parquet:2", "sub/b.parquet:0", "sub/b.parquet:1",
+                        "zz/a.parquet:0"]
+        assert r.total_rows == 6
 
 
 def test_limit_spans_files(tmp_path):
@@ -94,7 +98,7 @@ def test_jsonl_bad_lines_are_row_problems(tmp_path):
     assert keys[0] == "a" and keys[4] == "e"
     assert problems[0] is None and "not valid JSON" in problems[1]
     assert "not valid UTF-8" in problems[2] and "expected a JSON object" in problems[3]
-    assert keys[1] == "c.jsonl:1"  # no id on a broken line: (file, row) key
+    assert keys[1] == "(no id) c.jsonl:1"  # no id on a broken line: (file, row) key in its own namespace
     assert recs[4]["text"] is None and problems[4] is None
 
 
@@ -110,7 +114,7 @@ def test_null_id_is_a_row_problem(tmp_path):
     """A row whose id is null cannot be keyed by it: error row with a (file, row) key."""
     p = write_parquet(tmp_path / "a.parquet", [{"id": "x", "text": "a"}, {"id": None, "text": "b"}])
     keys, _, problems = _all(open_input(InputSpec(path=str(p), id="id"), columns=["text"]))
-    assert keys == ["x", "a.parquet:1"] and problems[1] == "id column 'id' is null"
+    assert keys == ["x", "(no id) a.parquet:1"] and problems[1] == "id column 'id' is null"
 
 
 @pytest.mark.parametrize("kind", ["missing", "column", "id", "empty", "garbage", "emptyjsonl", "emptydir"])
@@ -184,3 +188,39 @@ def test_million_rows_stream_in_bounded_batches(tmp_path):
         peak = max(peak, pa.total_allocated_bytes() - base)
     assert count == n and max(sizes) <= 4096
     assert peak < full / 2, (peak, full)
+
+
+READ_ONLY_ATTEMPTS = {
+    "COPY TO a file": "COPY (SELECT 1 AS id) TO '{victim}'",
+    "COPY then SELECT": "COPY (SELECT 1 AS id) TO '{victim}'; SELECT * FROM docs",
+    "COPY inside a view of the query": "SELECT * FROM docs WHERE id IN (SELECT 1) UNION ALL "
+                                       "SELECT * FROM read_csv('{victim}')",
+    "ATTACH a new database": "ATTACH '{victim}' AS x",
+    "INSTALL an extension": "INSTALL httpfs",
+    "LOAD an extension": "LOAD httpfs",
+    "read another file": "SELECT 1 AS id, content AS text FROM read_text('/etc/passwd')",
+    "glob the file system": "SELECT 1 AS id, file AS text FROM glob('/etc/*')",
+    "turn access back on": "SET enable_external_access = true",
+    "change a setting": "SET threads = 1",
+}
+
+
+@pytest.mark.parametrize("case", list(READ_ONLY_ATTEMPTS))
+def test_input_query_is_read_only(tmp_path, case):
+    """input.query reads the tables of its database and nothing else (issue 28, item 2): writing
+    files (COPY ... TO), ATTACH, INSTALL/LOAD, reading other files and re-enabling access are
+    refused in one line naming the rule; no file is created."""
+    db = tmp_path / "c.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE docs AS SELECT range AS id, 'text ' || range AS text FROM range(3)")
+    con.close()
+    victim = tmp_path / "victim.csv"
+    query = READ_ONLY_ATTEMPTS[case].format(victim=victim)
+    with pytest.raises(InputError) as e:
+        r = open_input(InputSpec(path=str(db), query=query, id="id"), columns=["text"])
+        _all(r)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("input.query"), msg
+    assert not victim.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c.duckdb"]
+    if case not in ("turn access back on", "change a setting", "COPY inside a view of the query"):
+        assert "may only read the tables" in msg, msg

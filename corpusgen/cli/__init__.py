@@ -171,6 +171,8 @@ def status(directory: str, as_json: bool, verify: bool) -> None:
                   f"{st['state']}{why}{holder}")
     console.print(f"rows: {st['rows_done']}/{total} in {st['parts']} parts; statuses: {fmt_statuses(st['statuses'])}")
     console.print(f"failures: {fmt_statuses(st['failures'])}; generated tokens: {st['gen_tokens']}")
+    if st.get("stale_keys"):
+        console.print(f"stale: {st['stale_keys']} committed rows have keys no longer in the input (last finished run)")
     if st["tokens_per_s"] is not None:
         console.print(f"recent rate: {st['tokens_per_s']:.1f} tok/s, {st['rows_per_s']:.2f} rows/s; "
                       f"ETA {fmt_seconds(st['eta_s'])}; updated {st['updated']}")

@@ -27,6 +27,7 @@ from corpusgen.engine.schedule import BlockEngine
 from corpusgen.engine.tiers import DiskTier, HostArena
 from corpusgen.engine.weights import dummy_units, iter_units, load_config, resolve_source
 from corpusgen.errors import CorpusgenError, ModelError
+from corpusgen.planner.budgets import check_against_machine
 from corpusgen.planner.hardware import cpu_has_bf16
 from corpusgen.planner.memory import check_budgets, memory_per_tier
 from corpusgen.planner.policy import Policy
@@ -215,6 +216,8 @@ def open_engine(model: str, *, dummy: bool = False, device: str | None = None, d
         local_cfg, wanted = pipeline.stage_config(cfg, stage), stage.units()
         est = pipeline.stage_memory(cfg, stage, policy, prompt_len, gen_len, dtype_bytes=dtype_bytes)
     check_budgets(est, gpu_memory, cpu_memory)
+    check_against_machine(gpu_budget=gpu_memory, cpu_budget=cpu_memory, device=str(dev), disk_bytes=est.disk,
+                          offload_dir=offload_dir)
     if dev.type == "cuda":
         _cap_gpu(dev, gpu_memory)
     tmp = None

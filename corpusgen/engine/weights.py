@@ -9,6 +9,9 @@ except the token embedding when the LM head is tied to it (``head["lm_head"] is 
 Sources: an HF checkpoint directory (safetensors, single or sharded; ``pytorch_model.bin`` too), a
 ``.gguf`` file (dequantised, q/k rows un-permuted), or random ``dummy_units`` for benchmarks.
 Checkpoint names map to canonical names through plain tables (``HF_NAMES``, ``GGUF_NAMES``).
+
+Longer than 400 lines: the checkpoint tables of both families and both formats live here until
+the family registry gives each family file its own (the models issue).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ Keys are checked against the parts too (:func:`check_keys`): a part whose key co
 its rows has its keys rebuilt from the (verified) file, so a key is never generated twice.
 No file corpusgen writes here is ever a symbolic link or a directory (corpusgen.job.lock, which
 also holds the directory's lock): such a file is refused, never followed.
+
+Longer than 400 lines: the manifest's schema, its transactions and the checks of the parts it
+lists are one SQLite file's contract.
 """
 
 from __future__ import annotations

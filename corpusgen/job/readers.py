@@ -1,26 +1,27 @@
 """Input corpora → a stream of keyed pyarrow record batches of bounded size.
 
 Parquet (file, directory, glob), DuckDB (.duckdb with a table or query), CSV and JSONL are read
-incrementally (never the whole file at once), so memory stays flat for any corpus size.
-Each row gets a key: the ``input.id`` column cast to a string, or ``<file basename>:<row number>``
-(row numbers start at 0 within each file). Problems of one row (null id, a JSONL line that is not
-JSON) travel with the batch in ``problems`` and become rows with status ``error``; problems of the
-whole input (missing file or column, empty input, unreadable format) raise :class:`InputError`.
+incrementally (never the whole file at once, corpusgen.job.sources), so memory stays flat for any
+corpus size.
+Each row gets a key (corpusgen.job.keys): the canonical text of its ``input.id`` value — the same
+whatever the reader, the batch or the type inference — or ``<file>:<row number>`` (row numbers
+start at 0 within each file). Problems of one row (an unusable id, a JSONL line that is not JSON)
+travel with the batch in ``problems`` and become rows with status ``error``; problems of the whole
+input (missing file or column, an id column of a type without text, empty input, unreadable
+format) raise :class:`InputError`.
 """
 
 from __future__ import annotations
 
-import csv
-import glob
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
 from corpusgen.errors import InputError, JobSpecError
+from corpusgen.job.keys import canonical_column, check_id_type, fallback_key
+from corpusgen.job.sources import SOURCES
 from corpusgen.job.spec import InputSpec
 
 
@@ -42,13 +43,15 @@ class InputReader:
     def __init__(self, spec: InputSpec, *, columns: Sequence[str] | None = None, limit: int | None = None):
         if spec.path is None:
             raise InputError("no input given; set input.path in the job or pass --input PATH")
+        if not any(ch in spec.path for ch in "*?[") and not os.path.exists(spec.path):
+            raise InputError(f"{spec.path}: input not found (no such file or directory); check input.path or --input")
         try:
             self.format = spec.resolved_format()
         except JobSpecError as e:
             raise InputError(str(e)) from None
         self.spec = spec
         self.limit = limit
-        self._source = _SOURCES[self.format](spec)
+        self._source = SOURCES[self.format](spec)
         self.available: list[str] = self._source.columns()
         if not self.available:
             raise InputError(f"{spec.path}: the input is empty (no columns, no rows); "
@@ -91,19 +94,24 @@ class InputReader:
 
     def _keys(self, label: tuple[str, int], batch: pa.RecordBatch) -> tuple[list[str], list[str | None]]:
         name, start = label
-        fallback = [f"{name}:{start + i}" for i in range(batch.num_rows)]
         problems: list[str | None] = [None] * batch.num_rows
         if "__problem__" in batch.schema.names:
             problems = batch.column("__problem__").to_pylist()
-        if self.spec.id is None:
-            return fallback, problems
+        col = self.spec.id
+        if col is None:
+            return [fallback_key(name, start + i, with_id=False) for i in range(batch.num_rows)], problems
+        if "__id__" in batch.schema.names:  # JSONL: canonicalised from the parsed JSON values, row by row
+            ids = [(k, None) for k in batch.column("__id__").to_pylist()]
+        else:
+            check_id_type(batch.schema.field(col).type, col, f"{self.spec.path}")
+            ids = canonical_column(batch.column(col), col)
         keys = []
-        for i, v in enumerate(_pylist(batch.column(self.spec.id))):
-            if v is None:
-                keys.append(fallback[i])
-                problems[i] = problems[i] or f"id column {self.spec.id!r} is null"
+        for i, (key, why) in enumerate(ids):
+            if key is None:
+                keys.append(fallback_key(name, start + i, with_id=True))
+                problems[i] = problems[i] or why or f"id column {col!r} is null"
             else:
-                keys.append(v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v))
+                keys.append(key)
         return keys, problems
 
 
@@ -116,7 +124,7 @@ def batch_records(batch: RowBatch) -> list[dict[str, Any]]:
     """Rows of a batch as dicts (bytes that are valid UTF-8 become str; others stay bytes)."""
     cols = {}
     for name in batch.rows.schema.names:
-        if name == "__problem__":
+        if name in ("__problem__", "__id__"):
             continue
         cols[name] = [_text(v) for v in _pylist(batch.rows.column(name))]
     return [{k: cols[k][i] for k in cols} for i in range(batch.rows.num_rows)]
@@ -137,250 +145,3 @@ def _text(v: Any) -> Any:
         except UnicodeDecodeError:
             return v
     return v
-
-
-# --- sources: each yields ((file label, first row number), RecordBatch) ------------------------
-
-def _files(path: str, suffixes: tuple[str, ...]) -> list[str]:
-    p = Path(path)
-    if any(ch in path for ch in "*?["):
-        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
-        if not files:
-            raise InputError(f"{path}: the glob matches no files; check the pattern")
-        return files
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
-        if not files:
-            raise InputError(f"{path}: the directory holds no {'/'.join(suffixes)} files")
-        return files
-    if not p.exists():
-        raise InputError(f"{path}: input not found; check input.path or --input")
-    return [str(p)]
-
-
-def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
-    for b in batches:
-        for off in range(0, b.num_rows, size):
-            yield b.slice(off, size)
-
-
-class _Parquet:
-    def __init__(self, spec: InputSpec):
-        import pyarrow.parquet as pq
-
-        self.files = _files(spec.path, (".parquet", ".pq"))
-        self._open = []
-        for f in self.files:
-            try:
-                # no pre-buffering: it holds whole row groups in memory ahead of the batches
-                self._open.append(pq.ParquetFile(f, pre_buffer=False))
-            except (pa.ArrowInvalid, OSError) as e:
-                raise InputError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-
-    def columns(self) -> list[str]:
-        return list(self._open[0].schema_arrow.names)
-
-    def total_rows(self) -> int:
-        return sum(pf.metadata.num_rows for pf in self._open)
-
-    def batches(self, columns, size):
-        for f, pf in zip(self.files, self._open, strict=True):
-            missing = [c for c in columns if c not in pf.schema_arrow.names]
-            if missing:
-                raise InputError(f"{f}: no column {missing[0]!r}; "
-                                 f"available columns: {', '.join(pf.schema_arrow.names)}")
-            row = 0
-            for b in _rebatch(pf.iter_batches(batch_size=size, columns=list(columns)), size):
-                yield (os.path.basename(f), row), b
-                row += b.num_rows
-
-
-_CSV_BLOCK, _CSV_MAX_BLOCK = 1 << 20, 1 << 30
-"""Bytes the CSV reader parses at a time; a row larger than that is read again with 8× the block."""
-
-
-class _Csv:
-    def __init__(self, spec: InputSpec):
-        self.files = _files(spec.path, (".csv",))
-        self._header = {}
-        for f in self.files:
-            try:
-                with open(f, newline="", encoding="utf-8", errors="replace") as fh:
-                    self._header[f] = next(csv.reader(fh), [])
-            except OSError as e:
-                raise InputError(f"{f}: cannot read ({e.strerror})") from None
-
-    def columns(self) -> list[str]:
-        return list(self._header[self.files[0]])
-
-    def total_rows(self) -> None:
-        return None  # counting would read the whole file
-
-    def batches(self, columns, size):
-        import pyarrow.csv as pcsv
-
-        for f in self.files:
-            if not self._header[f]:
-                continue
-            # binary columns: decoding happens per row, so a bad byte is a row problem, not a crash
-            convert = pcsv.ConvertOptions(column_types={c: pa.binary() for c in self._header[f]},
-                                          include_columns=list(columns), strings_can_be_null=False,
-                                          quoted_strings_can_be_null=False)
-            row, block = 0, _CSV_BLOCK
-            while True:
-                try:
-                    # after a row too large for the block: again with a larger block, past the rows read
-                    reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=block, skip_rows_after_names=row),
-                                           parse_options=pcsv.ParseOptions(newlines_in_values=True),
-                                           convert_options=convert)
-                    for b in _rebatch(reader, size):
-                        yield (os.path.basename(f), row), b
-                        row += b.num_rows
-                    break
-                except pa.ArrowInvalid as e:
-                    if "straddl" in str(e) and block < _CSV_MAX_BLOCK:
-                        block *= 8
-                        continue
-                    raise InputError(f"{f}: not a readable CSV file ({str(e).splitlines()[0]})") from None
-
-
-class _Jsonl:
-    def __init__(self, spec: InputSpec):
-        self.files = _files(spec.path, (".jsonl", ".ndjson"))
-        self._cols: list[str] | None = None
-
-    def columns(self) -> list[str]:
-        if self._cols is None:
-            # the keys of the first object that parses (columns may be absent in some rows → null)
-            for f in self.files:
-                with open(f, "rb") as fh:
-                    for line in fh:
-                        try:
-                            obj = json.loads(line)
-                        except (ValueError, RecursionError):
-                            continue
-                        if isinstance(obj, dict):
-                            self._cols = list(obj)
-                            return self._cols
-            self._cols = []
-        return self._cols
-
-    def total_rows(self) -> None:
-        return None
-
-    def batches(self, columns, size):
-        for f in self.files:
-            label = os.path.basename(f)
-            chunk: list[dict] = []
-            start = 0
-            with open(f, "rb") as fh:
-                for lineno, line in enumerate(raw for raw in fh if raw.strip()):
-                    chunk.append(_json_row(line, lineno, columns))
-                    if len(chunk) == size:
-                        yield (label, start), _pylist_batch(chunk, columns)
-                        start += len(chunk)
-                        chunk = []
-            if chunk:
-                yield (label, start), _pylist_batch(chunk, columns)
-
-
-def _json_row(line: bytes, lineno: int, columns) -> dict:
-    try:
-        obj = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        return {"__problem__": f"row {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"}
-    except ValueError as e:
-        return {"__problem__": f"row {lineno}: not valid JSON ({e})"}
-    except RecursionError:
-        return {"__problem__": f"row {lineno}: JSON nested too deeply"}
-    if not isinstance(obj, dict):
-        return {"__problem__": f"row {lineno}: expected a JSON object, got {type(obj).__name__}"}
-    return {c: obj.get(c) for c in columns}
-
-
-def _pylist_batch(chunk: list[dict], columns) -> pa.RecordBatch:
-    try:
-        return _pylist_batch_of(chunk, columns)
-    except UnicodeEncodeError:  # JSON escapes of lone surrogates (\ud800) decode to text UTF-8 cannot hold
-        return _pylist_batch_of([_without_surrogates(r) for r in chunk], columns)
-
-
-def _without_surrogates(row: dict) -> dict:
-    """The row without its values that UTF-8 cannot encode, and a problem naming the first."""
-    bad = [k for k, v in row.items() if not _encodable(v)]
-    if not bad:
-        return row
-    clean = {k: v for k, v in row.items() if k not in bad}
-    clean["__problem__"] = row.get("__problem__") or (
-        f"column {bad[0]!r} is not valid Unicode (a lone UTF-16 surrogate escape such as \\ud800)")
-    return clean
-
-
-def _encodable(value: Any) -> bool:
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _pylist_batch_of(chunk: list[dict], columns) -> pa.RecordBatch:
-    data = {}
-    for c in columns:
-        values = [r.get(c) for r in chunk]
-        try:
-            data[c] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # OverflowError: an integer beyond 64 bits
-            # mixed types across rows: keep them as JSON text rather than failing
-            data[c] = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values])
-    data["__problem__"] = pa.array([r.get("__problem__") for r in chunk], pa.string())
-    return pa.RecordBatch.from_pydict(data)
-
-
-class _DuckDB:
-    def __init__(self, spec: InputSpec):
-        import duckdb
-
-        if not Path(spec.path).is_file():
-            raise InputError(f"{spec.path}: input not found; check input.path or --input")
-        try:
-            self.con = duckdb.connect(spec.path, read_only=True)
-        except duckdb.Error as e:
-            raise InputError(f"{spec.path}: not a readable DuckDB database ({str(e).splitlines()[0]})") from None
-        self.label = os.path.basename(spec.path)
-        self.table = spec.table
-        self.query = spec.query
-        tables = [r[0] for r in self.con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
-        if self.query is None:
-            if self.table is None:
-                if len(tables) != 1:
-                    raise InputError(f"{spec.path}: holds tables {', '.join(tables) or '(none)'}; "
-                                     "choose one with input.table / --table or give input.query")
-                self.table = tables[0]
-            elif self.table not in tables:
-                raise InputError(f"{spec.path}: no table {self.table!r}; tables: {', '.join(tables) or '(none)'}")
-            self.query = f'SELECT * FROM "{self.table}"'
-        try:
-            self.rel = self.con.sql(self.query)
-        except duckdb.Error as e:
-            raise InputError(f"input.query failed: {str(e).splitlines()[0]}; fix the SQL") from None
-
-    def columns(self) -> list[str]:
-        return list(self.rel.columns)
-
-    def total_rows(self) -> int | None:
-        if self.table is None:
-            return None  # a query may be expensive to count
-        return self.con.execute(f'SELECT count(*) FROM "{self.table}"').fetchall()[0][0]
-
-    def batches(self, columns, size):
-        cols = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
-        rel = self.con.cursor().sql(f"SELECT {cols} FROM ({self.query})")
-        reader = rel.to_arrow_reader(size) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(size)
-        row = 0
-        for b in _rebatch(iter(reader), size):
-            yield (self.label, row), b
-            row += b.num_rows
-
-
-_SOURCES = {"parquet": _Parquet, "csv": _Csv, "jsonl": _Jsonl, "duckdb": _DuckDB}

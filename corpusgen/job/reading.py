@@ -105,6 +105,7 @@ def _dir_status(d: Path, rank: int, world: int, *, verify: bool) -> dict[str, An
         "rows_total": progress.get("input_rows", progress.get("rows_total")),
         "tokens_per_s": progress.get("tokens_per_s"), "rows_per_s": progress.get("rows_per_s"),
         "eta_s": progress.get("eta_s") if state == "running" else None, "updated": progress.get("updated"),
+        "stale_keys": progress.get("stale_keys"),
         "lock": {k: lock.get(k) for k in ("pid", "host", "started", "alive")} if lock else None,
         "runs": [{**r, "rank": rank, "world": world} for r in runs],
     }
@@ -160,7 +161,7 @@ def job_status(out_dir: str | Path, *, verify: bool = False) -> dict[str, Any]:
         "fingerprint": (top["job"] or {}).get("fingerprint"), "rows_done": rows_done, "rows_total": rows_total,
         "parts": sum(d["parts"] for d in dirs), "statuses": statuses,
         "failures": {k: v for k, v in statuses.items() if k != "ok"},
-        "gen_tokens": sum(d["gen_tokens"] for d in dirs), **rates, "eta_s": eta,
+        "gen_tokens": sum(d["gen_tokens"] for d in dirs), **rates, "eta_s": eta, "stale_keys": top["stale_keys"],
         "updated": max((d["updated"] for d in dirs if d["updated"]), default=None),
         "lock": top["lock"], "world": world, "ranks": [{k: d[k] for k in keep} for d in ran],
         "runs": sorted((r for d in dirs for r in d["runs"]), key=lambda r: (r["started"], r["rank"])),

@@ -5,6 +5,9 @@ Every field has a default (docs/job-spec.md lists them); unknown fields and wron
 Paths written in a job file are relative to that file; paths given on the command line (and the
 default output directory ``out/<name>``) are relative to the current directory.
 Pure code: no torch, no pyarrow.
+
+Longer than 400 lines: every job-file field with its validation and its one-line documentation,
+in one place (tests/test_docs.py checks the docs against it).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,7 +259,8 @@ def _int(lo: int) -> Callable[[Any, str], int]:
 
 def _float(lo: float, hi: float | None = None) -> Callable[[Any, str], float]:
     def check(value: Any, path: str) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= lo
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and value >= lo)
         if not ok or (hi is not None and value > hi):
             rng = f"between {lo} and {hi}" if hi is not None else f"≥ {lo}"
             raise JobSpecError(f"{path}: expected a number {rng}, got {_type_name(value)} {value!r}")

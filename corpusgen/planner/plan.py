@@ -14,20 +14,21 @@ The inputs and where they come from:
   offload directory (the temp dir when none is given).
 * **workload** — ``gen_len`` = ``max_new_tokens``; ``prompt_len`` given, or (for a run) the longest
   of the first prompts of the input rounded up to a multiple of 64, else 512.
+
+Longer than 400 lines: every input of a plan (profile, device, budgets, workload) is decided here
+with the reason it is reported with; splitting them would scatter one decision table.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from corpusgen.errors import ModelError, PolicyError
+from corpusgen.planner.budgets import check_against_machine, disk_free, host_memory  # noqa: F401 (re-exported)
 from corpusgen.planner.hardware import (
     BUILTIN,
     HardwareProfile,
@@ -169,19 +170,6 @@ def cuda_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def host_memory() -> int:
-    """Physical memory of this machine, bytes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def disk_free(directory: str | Path | None) -> int:
-    """Free bytes where ``directory`` is (or would be created); the temp dir when None."""
-    p = Path(directory or tempfile.gettempdir()).expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
 def saved_profile_path(device: str) -> Path:
     """Where ``corpusgen profile`` saves (and the planner looks for) this machine's profile:
     named after the GPU, or the host name for ``cpu``."""
@@ -305,6 +293,10 @@ def plan_model(config, *, profile: ProfileChoice, device: str, prompt_len: int, 
     if prompt_len + gen_len > config.max_positions:
         raise PolicyError(f"prompt_len {prompt_len} + gen_len {gen_len} exceeds the context of {config.name} "
                           f"({config.max_positions} positions); lower --prompt-len or max_new_tokens")
+    prof = profile.profile  # budgets over this machine's memory are refused; a plan for another machine's, over it
+    elsewhere = device != "cpu" and cuda_name() is None
+    check_against_machine(gpu_budget=gpu_budget, cpu_budget=cpu_budget, device=device,
+                          machine=(prof.gpu_memory_bytes, prof.cpu_memory_bytes, prof.device_name) if elsewhere else None)
     given = gpu_budget is not None or cpu_budget is not None
     notes = list(notes)
     if gpu_budget is None or cpu_budget is None:

@@ -7,6 +7,7 @@ Placements have names (``weights: {gpu: 0.2, cpu: 0.8}``), never FlexGen's posit
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -141,6 +142,8 @@ def _placement(name: str, value: Any) -> Placement:
         disk = float(value.get("disk", max(0.0, 1.0 - gpu - cpu)))
     except (TypeError, ValueError):
         raise PolicyError(f"policy.{name}: fractions must be numbers between 0 and 1, got {value!r}") from None
+    if not all(math.isfinite(x) for x in (gpu, cpu, disk)):  # NaN passes every comparison below
+        raise PolicyError(f"policy.{name}: fractions must be numbers between 0 and 1, got {value!r}")
     if min(gpu, cpu, disk) < 0 or abs(gpu + cpu + disk - 1.0) > 1e-6:
         raise PolicyError(f"policy.{name}: fractions must be ≥ 0 and sum to 1, got gpu={gpu} cpu={cpu} disk={disk}")
     if name in ("kv_cache", "activations") and disk > 1e-6:
@@ -161,7 +164,10 @@ def _compression(name: str, value: Any) -> Compression | None:
     rotate = value.get("rotate", True)
     if not isinstance(rotate, bool):
         raise PolicyError(f"policy.{name}.rotate: expected true or false, got {rotate!r}")
-    c = Compression(bits=int(value.get("bits", 4)), group_size=int(value.get("group_size", 64)), rotate=rotate)
+    bits, group = value.get("bits", 4), value.get("group_size", 64)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, group)):
+        raise PolicyError(f"policy.{name}: bits and group_size must be integers, got {value!r}")
+    c = Compression(bits=bits, group_size=group, rotate=rotate)
     if c.bits not in (4, 8) or c.group_size < 2 or c.group_size % 2:
         raise PolicyError(f"policy.{name}: bits must be 4 or 8 and group_size an even number ≥ 2, got {value!r}")
     return c

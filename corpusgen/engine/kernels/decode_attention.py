@@ -24,6 +24,9 @@ fused kernels; results differ from SDPA's by rounding only (checked in
 ``selfcheck`` against a float64 reference). ``TRITON_INTERPRET=1`` runs the kernels on the CPU
 (tests/test_kernels.py, in CI; with numpy 2 the interpreter needs triton >= 3.7, whose
 ``tensor.__index__`` takes one-element arrays).
+
+Longer than 400 lines: the dense and the 4-bit kernel share their launch plan and buffers, and
+each keeps its float64 self-check beside it.
 """
 
 from __future__ import annotations
