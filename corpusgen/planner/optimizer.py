@@ -27,10 +27,14 @@ One parametrised cvxpy problem is compiled once and re-solved with new parameter
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import itertools
 import math
-from collections.abc import Iterable
+import os
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from corpusgen.engine.config import ModelConfig
@@ -80,6 +84,26 @@ class Plan:
 
 
 # --------------------------------------------------------------------------- the LP
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """HiGHS prints its banner on the process's stdout from C the first time it runs; what
+    `corpusgen plan` prints is the plan."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # captured (tests): nothing reaches fd 1 anyway
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
 
 @functools.lru_cache(maxsize=1)
 def _problem():
@@ -157,7 +181,8 @@ def _solve_lp(config: ModelConfig, base: Policy, hw: HardwareProfile, prompt_len
     for k, x in vals.items():
         P[k].value = x
     try:
-        prob.solve(solver=solver)
+        with _quiet_stdout():
+            prob.solve(solver=solver)
     except cp.SolverError:
         return None
     if prob.status not in ("optimal", "optimal_inaccurate"):
