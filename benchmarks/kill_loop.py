@@ -9,10 +9,12 @@ blocks commit more often, so kills land between commits).
 
 1. An uninterrupted reference run: ``corpusgen run JOB --input INPUT --output WORK/ref``; its wall
    time and its model-loading time (the ``runs`` table) size the kill moments.
-2. ``--kills`` runs of the same command on ``WORK/killed``, each SIGKILLed at a moment drawn
-   uniformly between 0.2 s and the loading time plus twice the reference's generation time
-   divided by the number of kills (so kills land in start-up, generation and commits, and the job
-   is not finished before the last one); a run that finishes before its kill moment ends the loop.
+2. ``--kills`` runs of the same command on ``WORK/killed``, each SIGKILLed: one in four at a
+   moment drawn uniformly in its start-up (0.2 s to the reference's loading time), the others once
+   they generate (``progress.json`` names their pid), after a delay drawn uniformly up to twice
+   the reference's generation time divided by the number of kills, or a third of it if that is
+   more (a run must sometimes get past its first commits) — so kills land in start-up, generation
+   and commits. A run that finishes before its kill ends the loop.
 3. One more run to the end.
 4. The comparison, from every committed part (the manifest's list) of each directory: input keys
    lost, keys present more than once, keys that are not the reference's, and rows whose status or
@@ -47,6 +49,19 @@ def corpusgen(args: list[str], out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "corpusgen", "run", *args, "--output", str(out)], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+
+
+def generating(proc: subprocess.Popen, out: Path) -> None:
+    """Wait until ``proc`` generates (its pid in ``out/progress.json``) or ends."""
+    import json
+
+    while proc.poll() is None:
+        try:
+            if json.loads((out / "progress.json").read_text()).get("pid") == proc.pid:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
 
 
 def outputs(out: Path) -> list[dict]:
@@ -89,24 +104,31 @@ def main() -> int:
     run = job_status(work / "ref")["runs"][-1]
     load = run["load_seconds"] or 0.0
     generation = max(ref_seconds - load, 1.0)
-    horizon = load + 2 * generation / max(a.kills, 1)
     print(f"reference: {run['rows']} rows in {ref_seconds:.1f} s (loading {load:.1f} s); "
-          f"kill moments uniform in [0.2, {horizon:.1f}] s")
+          f"kills in start-up up to {load:.1f} s, in generation up to "
+          f"{max(2 * generation / max(a.kills, 1), generation / 3):.1f} s in")
 
     killed_dir, kills = work / "killed", 0
+    # a run must get past its first commits now and then: never less than a third of the generation
+    step = max(2 * generation / max(a.kills, 1), generation / 3)
     for i in range(a.kills):
         proc = corpusgen(args, killed_dir)
-        moment = rng.uniform(0.2, horizon)
+        started = time.monotonic()
+        if rng.random() < 0.25:
+            where, moment = "start-up", rng.uniform(0.2, max(load, 0.3))
+        else:
+            generating(proc, killed_dir)
+            where, moment = "generation", time.monotonic() - started + rng.uniform(0.0, step)
         try:
-            proc.wait(timeout=moment)
-            print(f"run {i + 1}: finished before its kill moment ({moment:.1f} s); no more kills")
+            proc.wait(timeout=max(moment - (time.monotonic() - started), 0.0))
+            print(f"run {i + 1}: finished before its kill ({where}, {moment:.1f} s); no more kills")
             break
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
         done = job_status(killed_dir)["rows_done"] if (killed_dir / "manifest.sqlite").exists() else 0
-        print(f"run {i + 1}: SIGKILL at {moment:.1f} s; rows committed so far: {done}")
+        print(f"run {i + 1}: SIGKILL in {where} at {moment:.1f} s; rows committed so far: {done}")
     final = corpusgen(args, killed_dir)
     _, err = final.communicate()
     if final.returncode != 0:
@@ -125,7 +147,8 @@ def main() -> int:
     status_diff = [k for k in want if k in first and first[k]["status"] != want[k]["status"]]
     text_diff = [k for k in want if k in first and first[k]["text"] != want[k]["text"]]
     runs = len(job_status(killed_dir)["runs"])
-    print(f"kills: {kills} SIGKILLs over {runs} runs; rows: reference {len(want)}, killed-and-resumed {len(got)}")
+    print(f"kills: {kills} SIGKILLs ({runs} runs got as far as recording themselves); rows: reference {len(want)}, "
+          f"killed-and-resumed {len(got)}")
     print(f"lost: {len(lost)}; duplicated: {len(duplicated)}; not in the reference: {len(foreign)}; "
           f"status differs: {len(status_diff)}; text differs: {len(text_diff)}")
     for name, keys in (("lost", lost), ("duplicated", duplicated), ("foreign", foreign), ("text differs", text_diff)):
