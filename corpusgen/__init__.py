@@ -1,3 +1,3 @@
 """corpusgen: offline batch LLM jobs over whole corpora (FlexGen-style offloading engine)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
