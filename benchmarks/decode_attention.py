@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from corpusgen.engine.kernels import decode_attention as da
+from corpusgen.engine.kernels import packed_attention as pa
 from corpusgen.engine.kernels.dequantize import dequant4
 
 SHAPES = {  # name: (rows, heads, kv_heads, k_len, head_dim)
@@ -58,11 +59,11 @@ def packed(iters: int, out: Path) -> None:
     """The 4-bit kernels at OPT-30B's offloaded decode shape (see the module's docstring)."""
     from corpusgen.engine import compression as cq
 
-    print("packed self-check: max abs error vs float64", max(da.packed_selfcheck().values()))
+    print("packed self-check: max abs error vs float64", max(pa.packed_selfcheck().values()))
     dev, dt = "cuda", torch.float16
     b, h, n, d, gs = 64, 56, 544, 128, 64
     kp, vp = (cq.quantize(torch.randn(n + 64, b, h, d, device=dev, dtype=dt), 4, gs) for _ in range(2))
-    k, v = (da.packed_view(cq.narrow(p, 0, 0, n), 0) for p in (kp, vp))
+    k, v = (pa.packed_view(cq.narrow(p, 0, 0, n), 0) for p in (kp, vp))
     q = torch.randn(b, h, 1, d, device=dev, dtype=dt)
     tail = [torch.randn(b, h, 1, d, device=dev, dtype=dt) for _ in range(2)]
     mask = torch.ones(b, n + 1, dtype=torch.bool, device=dev)
@@ -72,7 +73,7 @@ def packed(iters: int, out: Path) -> None:
                device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     for bt in (16, 32, 64, 128):
         for nw in (2, 4, 8):
-            ms, _ = timed(lambda: da.packed_decode_attention(q, k, v, mask, d ** -0.5, *tail, block_t=bt, num_warps=nw), iters)
+            ms, _ = timed(lambda: pa.packed_decode_attention(q, k, v, mask, d ** -0.5, *tail, block_t=bt, num_warps=nw), iters)
             rec[f"packed_bt{bt}_w{nw}_ms"] = round(ms, 4)
             print(f"packed attention, {bt}-column tiles on {nw} warps: {ms:.3f} ms ({nbytes / ms / 1e6:.0f} GB/s)")
     dk, dv = (torch.empty(n, b, h, d, device=dev, dtype=dt) for _ in range(2))

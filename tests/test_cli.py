@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from conftest import REPO, SAMPLE, make_rows, write_job, write_parquet
 from corpusgen.cli import cli
-from corpusgen.job.manifest import OutputLock
+from corpusgen.job.lock import OutputLock
 
 
 def invoke(*args: str):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from corpusgen.engine.kernels import decode_attention as da
+from corpusgen.engine.kernels import packed_attention as pa
 from corpusgen.engine import layers as L
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or da.triton is None,
@@ -106,7 +107,7 @@ def test_engine_decodes_alike_with_the_kernel_and_with_sdpa(monkeypatch, tmp_pat
 
 
 def test_packed_kernel_matches_float64_reference_on_odd_shapes():
-    report = da.packed_selfcheck("cuda")
+    report = pa.packed_selfcheck("cuda")
     assert len(report) == 6 * 2 * 2 * 2 * 2
 
 
@@ -132,13 +133,13 @@ def test_engine_attends_a_4bit_cache_in_place_like_dequantised(monkeypatch, tmp_
     targets = {str(i): [(7 * i + 3 * s) % 90 + 5 for s in range(12)] for i in range(6)}
     reqs = [Request(key=str(i), prompt_ids=p) for i, p in enumerate(prompts)]
     calls = []
-    real = da.packed_decode_attention
-    monkeypatch.setattr(da, "packed_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pa.packed_decode_attention
+    monkeypatch.setattr(pa, "packed_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
 
-    real_usable = da.packed_usable
+    real_usable = pa.packed_usable
 
     def run(enabled):
-        monkeypatch.setattr(da, "packed_usable", real_usable if enabled else (lambda *a: False))
+        monkeypatch.setattr(pa, "packed_usable", real_usable if enabled else (lambda *a: False))
         eng = open_engine(str(tmp_path), dtype="float16", device="cuda", tokenizer=IdTokenizer(99),
                           policy=Policy(gpu_batch_size=3, num_gpu_batches=2, prefill_chunk=chunk,
                                         kv_cache=Placement(gpu=float(kv == "gpu"), cpu=float(kv == "cpu")),

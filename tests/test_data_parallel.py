@@ -28,7 +28,7 @@ from fake_cli import SCRIPT as FAKE_CLI
 from conftest import REPO, make_rows, read_outputs, write_job, write_parquet
 from corpusgen.cli import cli
 from corpusgen.errors import CorpusgenError, LockedError
-from corpusgen.job.manifest import OutputLock
+from corpusgen.job.lock import OutputLock
 from corpusgen.job.reading import connect_sql, job_status
 from corpusgen.job.ranks import Ranks, key_rank
 from corpusgen.job.runner import run_job

@@ -151,6 +151,7 @@ def check_packed_decode_attention() -> None:
     the dequant4 kernel."""
     from corpusgen.engine import compression as cq
     from corpusgen.engine.kernels import decode_attention as da
+    from corpusgen.engine.kernels import packed_attention as pa
 
     g = _gen(3)
     # (batch, heads, n, head_dim, group): 2 splits of one tile, 4 of one, one column, 5 splits.
@@ -165,7 +166,7 @@ def check_packed_decode_attention() -> None:
             seq_dim = 0 if seq_major else 2
             packed = [cq.narrow(cq.quantize(torch.randn(shape, generator=g).to(dtype), 4, gs), seq_dim, 0, n)
                       for _ in range(2)]  # fmt: skip
-            kv = [da.packed_view(p, seq_dim) for p in packed]
+            kv = [pa.packed_view(p, seq_dim) for p in packed]
             dense = [cq._dequantize_last(*bufs, 4, gs, d).to(dtype) for bufs in kv]  # (b, heads, n, d)
             for m in (None, mask):
                 for with_tail in (False, True):
@@ -173,7 +174,7 @@ def check_packed_decode_attention() -> None:
                     vv = torch.cat([dense[1], tail[1]], 2) if with_tail else dense[1]
                     mm = None if m is None else (m if with_tail else m[:, :n])
                     ref = da.reference(q, kk, vv, mm, d**-0.5)
-                    got = da.packed_decode_attention(q, kv[0], kv[1], mm, d**-0.5,
+                    got = pa.packed_decode_attention(q, kv[0], kv[1], mm, d**-0.5,
                                                      *(tail if with_tail else (None, None)))  # fmt: skip
                     err = (got.double() - ref).abs().max().item()
                     tol = 4 * torch.finfo(dtype).eps * (ref.abs().max().item() + 1)
@@ -237,6 +238,7 @@ def check_engine_routing_stays_on_pytorch() -> None:
     the packed cache, the fused norm and the tile copy ask for CUDA. Only dequantisation asks
     ``runs_on``, so compression.dequantize uses the kernel here."""
     from corpusgen.engine.kernels import decode_attention as da
+    from corpusgen.engine.kernels import packed_attention as pa
     from corpusgen.engine.kernels import dequantize as dk
     from corpusgen.engine.kernels import fused_norm as fn
     from corpusgen.engine.kernels import kv_copy, runs_on, triton
@@ -247,7 +249,7 @@ def check_engine_routing_stays_on_pytorch() -> None:
     k = x.expand(2, 4, 1 << 22, 128)  # past MIN_KV_ELEMENTS, without the memory
     assert triton is not None and runs_on(x)
     assert not da.usable(x, k)
-    assert not da.packed_usable(preset("opt-125m"), torch.device("cpu"), torch.float16, Compression(bits=4))
+    assert not pa.packed_usable(preset("opt-125m"), torch.device("cpu"), torch.float16, Compression(bits=4))
     rows = torch.zeros(fn.MIN_ROWS, 64, dtype=torch.float16)
     assert not fn.usable(rows, rows[0])
     big = torch.zeros(1, 16, kv_copy.MIN_ELEMENTS // (16 * 64), 64, dtype=torch.float16)  # 2 MiB

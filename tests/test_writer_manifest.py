@@ -15,7 +15,9 @@ import fake_engine
 from conftest import make_rows, read_outputs, write_job, write_parquet
 from corpusgen.errors import LockedError, OutputError, ResumeMismatch
 from corpusgen.job.events import JobFinished, JobStarted, JobWarning, RowsCommitted
-from corpusgen.job.manifest import Manifest, OutputLock, clean_orphans, read_lock
+from corpusgen.job.lock import OutputLock, read_lock
+from corpusgen.job.manifest import Manifest
+from corpusgen.job.parts import clean_orphans
 from corpusgen.job.reading import job_status
 from corpusgen.job.runner import run_job
 from corpusgen.job.spec import load_spec
@@ -197,7 +199,7 @@ def test_lock_of_a_dead_process_does_not_block(tmp_path, corpus):
     """A process killed while holding the lock leaves no stale lock (flock dies with it)."""
     out = tmp_path / "out"
     out.mkdir()
-    code = ("import sys, time; from pathlib import Path; from corpusgen.job.manifest import OutputLock\n"
+    code = ("import sys, time; from pathlib import Path; from corpusgen.job.lock import OutputLock\n"
             "with OutputLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).parent.parent)

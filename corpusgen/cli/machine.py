@@ -66,7 +66,7 @@ def profile(device: str, out: str | None, offload_dir: str | None, remeasure: bo
     """Measure this machine (link bandwidths, disk, matmul and attention rates) for the planner."""
     from rich.table import Table
 
-    from corpusgen.planner.plan import measure_profile
+    from corpusgen.planner.profiles import measure_profile
 
     console = _console()
     prof, path, reused = measure_profile(device, out=out, offload_dir=offload_dir, remeasure=remeasure, quick=quick)
@@ -114,15 +114,9 @@ def plan(job: str | None, model: str | None, dummy: bool, gpu_mem: int | None, c
          disk: str | None, prompt_len: int | None, gen_len: int | None, rows: int | None, profile: str | None,
          device: str | None, no_compression: bool, output: str | None) -> None:
     """Choose a policy for JOB.yaml (or --model) within the memory budgets; predict throughput and ETA."""
-    from corpusgen.planner.plan import (
-        DEFAULT_PROMPT_LEN,
-        disk_free,
-        dtype_bytes_for,
-        plan_job,
-        plan_model,
-        planning_device,
-        resolve_profile,
-    )
+    from corpusgen.planner.budgets import disk_free
+    from corpusgen.planner.plan import DEFAULT_PROMPT_LEN, dtype_bytes_for, plan_job, plan_model, planning_device
+    from corpusgen.planner.profiles import resolve_profile
 
     if (job is None) == (model is None):
         raise click.UsageError("give JOB.yaml or --model M (one of them)")
@@ -241,16 +235,9 @@ def bench(model: str, dummy: bool, prompt_len: int, gen_len: int, num_seqs: int 
     """FlexGen's workload (every row generates gen_len tokens), timed end to end; predicted vs measured."""
     from corpusgen.bench import run_bench
     from corpusgen.engine.weights import load_config
-    from corpusgen.planner.plan import (
-        HOST_SHARE,
-        disk_free,
-        dtype_bytes_for,
-        evaluate,
-        host_memory,
-        plan_model,
-        resolve_profile,
-        run_device,
-    )
+    from corpusgen.planner.budgets import disk_free, host_memory
+    from corpusgen.planner.plan import HOST_SHARE, dtype_bytes_for, evaluate, plan_model, run_device
+    from corpusgen.planner.profiles import resolve_profile
     from corpusgen.planner.policy import load_policy
     from corpusgen.job.ranks import Ranks
 

@@ -21,7 +21,7 @@ import torch
 from corpusgen.engine import compression as cq
 from corpusgen.engine import layers as L
 from corpusgen.engine.batches import Batch, sync_stores
-from corpusgen.engine.kernels import decode_attention
+from corpusgen.engine.kernels import packed_attention
 from corpusgen.engine.kv_cache import KVCaches
 from corpusgen.engine.streams import HostCopy, Streams, handoff, on, onto_device, to_host
 from corpusgen.planner.policy import Compression
@@ -37,7 +37,7 @@ class Attention:
                  dtype: torch.dtype):
         self.kv_tiers, self.cpu_attention = kv_tiers, cpu_attention
         self.caches, self.streams, self.compress_kv = caches, streams, compress_kv
-        self.packed = packed  # decode steps attend straight from a 4-bit cache (kernels/decode_attention.py)
+        self.packed = packed  # decode steps attend straight from a 4-bit cache (kernels/packed_attention.py)
         self.scale, self.device, self.dtype = scale, device, dtype
 
     def path(self, layer: int, b: Batch, col: int) -> str:
@@ -81,8 +81,8 @@ class Attention:
         if loaded_kv is not None and isinstance(loaded_kv[0], cq.Packed):
             # Decode from the 4-bit columns as they crossed the link, this step's column dense.
             mask = None if b.no_pad else self.mask(b, b.pad, col, q_len, end)
-            attn = decode_attention.packed_decode_attention(
-                q, *(decode_attention.packed_view(c, 0) for c in loaded_kv), mask, self.scale, kq, vq)
+            attn = packed_attention.packed_decode_attention(
+                q, *(packed_attention.packed_view(c, 0) for c in loaded_kv), mask, self.scale, kq, vq)
         else:
             if col == 0:
                 ks, vs = kq, vq
@@ -113,8 +113,8 @@ class Attention:
             ks, vs = k, v
         elif self.packed and q_len == 1:  # a 4-bit GPU cache, read where it is
             mask = None if b.no_pad else self.mask(b, b.pad, col, q_len, end)
-            return decode_attention.packed_decode_attention(
-                q, *(decode_attention.packed_view(cq.narrow(c, 2, 0, end), 2) for c in (kc, vc)), mask, self.scale)
+            return packed_attention.packed_decode_attention(
+                q, *(packed_attention.packed_view(cq.narrow(c, 2, 0, end), 2) for c in (kc, vc)), mask, self.scale)
         else:
             ks, vs = self.caches.view(layer, kc, end), self.caches.view(layer, vc, end)
         return self.dense(q, ks, vs, b, col, q_len, end)

@@ -288,13 +288,14 @@ def _warm_kernels(device: torch.device, dtype: torch.dtype, cfg, compressed: boo
     decode step averaged 26.9 ms over 31 steps with one compile inside)."""
     from corpusgen.engine import compression as cq
     from corpusgen.engine.kernels import decode_attention as da
+    from corpusgen.engine.kernels import packed_attention
     from corpusgen.engine.kernels import kv_copy
 
     if compressed:
         x = torch.randn(2, 128, device=device, dtype=dtype)
         cq.dequantize(cq.quantize(x, 4, 64, axis=-1))
     da.warm_up(device, dtype, cfg)
-    da.packed_warm_up(device, dtype, cfg, compress_kv)
+    packed_attention.packed_warm_up(device, dtype, cfg, compress_kv)
     kv_copy.warm_up(device, dtype, cfg.head_dim)
     if cfg.family == "opt":
         from corpusgen.engine.kernels import fused_norm

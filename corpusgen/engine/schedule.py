@@ -70,7 +70,7 @@ from corpusgen.engine.api import EngineStats, Request, Result, SamplingSettings
 from corpusgen.engine.attention import HOST, Attention
 from corpusgen.engine.batches import Batch, Lifecycle, StepInputs
 from corpusgen.engine.config import ModelConfig
-from corpusgen.engine.kernels import decode_attention
+from corpusgen.engine.kernels import packed_attention
 from corpusgen.engine.placement import WeightStore, family_of
 from corpusgen.engine.sampling import append_token, sample
 from corpusgen.engine.streams import Streams, handoff, on
@@ -112,8 +112,8 @@ class BlockEngine:
         self.unit_range = range(cfg.num_layers + 2)
         # Decode steps of a GPU-resident model as CUDA graphs (decode_graph.py), or None.
         self.graphs = decode_graph.DecodeGraphs(self) if decode_graph.eligible(self) else None
-        # Decode attention straight from a 4-bit cache, never dequantised whole (decode_attention.py).
-        self.packed_attention = decode_attention.packed_usable(cfg, device, dtype, policy.compress_kv)
+        # Decode attention straight from a 4-bit cache, never dequantised whole (kernels/packed_attention.py).
+        self.packed_attention = packed_attention.packed_usable(cfg, device, dtype, policy.compress_kv)
         self.attention = Attention(kv_tiers=self.kv_tier, cpu_attention=policy.cpu_attention, caches=self.caches,
                                    streams=self.streams, compress_kv=policy.compress_kv, packed=self.packed_attention,
                                    scale=self.scale, device=device, dtype=dtype)

@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 
 from corpusgen.errors import OutputError, QueryError
 from corpusgen.job.lock import open_nofollow, own_file_problem, read_lock, written_elsewhere
-from corpusgen.job.manifest import (MANIFEST, MISSING, PROGRESS, Manifest, damaged_part_error, manifest_dirs,
-                                    part_problem)
+from corpusgen.job.manifest import MANIFEST, PROGRESS, Manifest, manifest_dirs
+from corpusgen.job.parts import MISSING, damaged_part_error, part_problem
 from corpusgen.job.writer import part_number
 
 

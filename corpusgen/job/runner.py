@@ -30,8 +30,10 @@ from corpusgen.job.answers import answer_format as _answer_format
 from corpusgen.job.columns import describe as describe_columns
 from corpusgen.job.events import Event, JobStarted, JobWarning, RunSummary
 from corpusgen.job.loop import Run
-from corpusgen.job.manifest import (LOCK, PROGRESS, Manifest, OutputLock, check_keys, check_not_lost, clean_orphans,
-                                manifest_dirs, move_aside, prepare_dir, rank_dirs, read_lock, verify_parts)
+from corpusgen.job.lock import LOCK, OutputLock, read_lock
+from corpusgen.job.manifest import (PROGRESS, Manifest, check_not_lost, manifest_dirs, move_aside, prepare_dir,
+                                    rank_dirs)
+from corpusgen.job.parts import check_keys, clean_orphans, verify_parts
 from corpusgen.job.prompts import check_columns, compile_template
 from corpusgen.job.ranks import Ranks, StartGroup
 from corpusgen.job.readers import open_input
