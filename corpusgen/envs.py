@@ -20,6 +20,11 @@ def torchrun() -> Mapping[str, str]:
     return {k: os.environ[k] for k in TORCHRUN if k in os.environ}
 
 
+def missing_rendezvous() -> list[str]:
+    """torchrun's rendezvous variables a process group needs and the environment lacks."""
+    return [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+
+
 def world_size() -> int:
     """Processes in this launch (1 outside torchrun)."""
     try:

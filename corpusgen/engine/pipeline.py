@@ -196,7 +196,7 @@ class PipelineGroup:
         import torch.distributed as dist
 
         if self.world > 1 and not dist.is_initialized():
-            missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not envs.torchrun().get(v)]
+            missing = envs.missing_rendezvous()
             if missing:
                 raise CorpusgenError(f"a pipeline of {self.world} stages needs {' and '.join(missing)}; "
                                      "start the stages with torchrun --nproc-per-node N")

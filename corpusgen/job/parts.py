@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
 from corpusgen.errors import OutputError
+from corpusgen.job.lock import own_file_problem
 from corpusgen.job.manifest import Manifest, check_not_lost
 from corpusgen.job.writer import part_number
 
@@ -35,16 +35,15 @@ def part_problem(path: Path, part: Mapping[str, Any], *, sha256: bool | None) ->
     True, or — ``sha256=None`` — when the file may have been modified since its commit: its mtime
     differs from the one recorded at commit (manifests before ``mtime_ns``: it is at least a second
     later than ``committed_at``, which is rounded down to the second)."""
+    why = own_file_problem(path)
+    if why is not None:
+        return f"it {why}"
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return MISSING
     except OSError as e:
         return f"it cannot be examined ({e.strerror})"
-    if stat.S_ISLNK(st.st_mode):
-        return "it is a symbolic link, not the file corpusgen committed"
-    if not stat.S_ISREG(st.st_mode):
-        return "it is a directory" if stat.S_ISDIR(st.st_mode) else "it is not a regular file"
     if st.st_size != part["size"]:
         return f"{st.st_size} bytes, committed with {part['size']}"
     if sha256 is None:

@@ -125,7 +125,7 @@ class StartGroup:
             import torch.distributed as dist
 
             if not dist.is_initialized():
-                missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not envs.torchrun().get(v)]
+                missing = envs.missing_rendezvous()
                 if missing:
                     raise CorpusgenError(f"WORLD_SIZE={self.ranks.world} but {' and '.join(missing)} is not set; "
                                          "start the ranks with torchrun")
